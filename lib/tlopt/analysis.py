@@ -1,0 +1,251 @@
+"""What a run folder says: the tables that notebooks 01-05 and the report show.
+
+Every function reads the results layout of DESIGN.md (`trials.jsonl`, `runs/<trial>/`,
+`<strategy>/best.json`, `split.csv`), so notebooks stay a sequence of calls and a test
+can check each table on a small run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from tlopt import data, metrics, store
+from tlopt.optimize import BEST_FILE
+from tlopt.params import STRATEGY_NAMES
+
+PHASES = ("block", "finetune")
+RESULT_COLUMNS = ["val_accuracy", "val_loss", "epochs", "stopped_by", "status", "seconds"]
+
+
+def finished_strategies(run_dir: str | Path) -> list[str]:
+    """Strategies whose model optimization finished (they have a best.json), in SPEC order."""
+    return [name for name in STRATEGY_NAMES if (Path(run_dir) / name / BEST_FILE).is_file()]
+
+
+def strategy_trials(run_dir: str | Path, strategy: str, steps: tuple[str, ...] | None = None) -> pd.DataFrame:
+    """The finished trials of one strategy (optionally of some of its steps), in finishing order."""
+    trials = store.read_trials(run_dir)
+    if trials.empty:
+        return trials
+    rows = trials[trials["strategy"] == strategy]
+    if steps is not None:
+        rows = rows[rows["step"].isin(steps)]
+    return rows.reset_index(drop=True)
+
+
+def compared_trials(run_dir: str | Path, other_runs: list[str | Path] = ()) -> pd.DataFrame:
+    """The trials of this run and of other runs (random search on the same data, say), labelled.
+
+    `label` is the strategy for this run's trials and `strategy [run name]` for the others'.
+    """
+    frames = [store.read_trials(run_dir).assign(label=lambda t: t["strategy"])]
+    for other in other_runs:
+        name = Path(other).name
+        frames.append(store.read_trials(other).assign(label=lambda t: t["strategy"] + f" [{name}]"))
+    return pd.concat(frames, ignore_index=True)
+
+
+def trials_table(trials: pd.DataFrame) -> pd.DataFrame:
+    """One row per trial: what BO chose (decoded), the delimiting layer trained, and the result."""
+    chosen = [c for c in trials.columns if c.startswith("hyperparameters.") and trials[c].notna().any()]
+    layer = ["setup.delimiting_layer"] if "setup.delimiting_layer" in trials.columns else []
+    table = trials[["id", "step", "method", *chosen, *layer, *RESULT_COLUMNS]]
+    names = {c: c.removeprefix("hyperparameters.").removeprefix("setup.") for c in chosen + layer}
+    return table.rename(columns=names).set_index("id")
+
+
+def bo_improvement(trials: pd.DataFrame) -> pd.DataFrame:
+    """Per BO step: the best of the random initial points against the best of all trials.
+
+    `improved` says whether a point chosen by the optimizer beat every initial point.
+    """
+    rows = []
+    for (strategy, step), group in trials.groupby(["strategy", "step"], sort=False):
+        accuracy = group["val_accuracy"].astype(float).fillna(0.0)
+        initial = group["method"] == "initial"
+        best_initial = accuracy[initial].max() if initial.any() else np.nan
+        best_later = accuracy[~initial].max() if (~initial).any() else np.nan
+        rows.append({
+            "strategy": strategy, "step": step, "trials": len(group),
+            "best_initial": best_initial, "best_after_initial": best_later,
+            "best": accuracy.max(), "improved": bool(best_later > best_initial),
+        })
+    return pd.DataFrame(rows)
+
+
+def _validation_wall_times(events_dir: Path) -> dict[int, float]:
+    """Epoch -> wall-clock time of its validation, from the TensorBoard event files of a phase."""
+    from tensorboard.backend.event_processing.event_accumulator import TENSORS, EventAccumulator
+
+    if not events_dir.is_dir():
+        return {}
+    accumulator = EventAccumulator(str(events_dir), size_guidance={TENSORS: 0})
+    accumulator.Reload()
+    if "epoch_accuracy" not in accumulator.Tags()["tensors"]:
+        return {}
+    return {event.step: event.wall_time for event in accumulator.Tensors("epoch_accuracy")}
+
+
+def epoch_history(run_dir: str | Path, trials: pd.DataFrame) -> pd.DataFrame:
+    """Every epoch of every run of `trials`: its scalars (history.csv) and when it ended.
+
+    `minutes` counts from the start of the run's first trial; the epoch's end comes from
+    the TensorBoard event files, which record the wall-clock time of each validation.
+    """
+    run_dir = Path(run_dir)
+    frames = []
+    for trial in trials.itertuples():
+        for phase in PHASES:
+            csv = run_dir / "runs" / trial.id / phase / "history.csv"
+            if not csv.is_file():
+                continue
+            epochs = pd.read_csv(csv)
+            times = _validation_wall_times(run_dir / "runs" / trial.id / "tensorboard" / phase / "validation")
+            frames.append(epochs.assign(
+                trial=trial.id, strategy=trial.strategy, step=trial.step, phase=phase,
+                wall_time=epochs["epoch"].map(times).astype(float),
+            ))
+    if not frames:
+        return pd.DataFrame(columns=["trial", "strategy", "step", "phase", "epoch", "val_accuracy", "minutes"])
+    history = pd.concat(frames, ignore_index=True)
+    started = min(datetime.fromisoformat(value).timestamp() for value in trials["started_at"])
+    return history.assign(minutes=(history["wall_time"] - started) / 60)
+
+
+def final_record(run_dir: str | Path, strategy: str) -> dict:
+    """The strategy's final model: the best trial of layer optimization, else of model optimization."""
+    best = store.read_json(Path(run_dir) / strategy / BEST_FILE)
+    return best.get("final") or best["model"]
+
+
+def strategy_summary(run_dir: str | Path) -> pd.DataFrame:
+    """One row per finished strategy: its final hyperparameters, accuracies, trials and time."""
+    run_dir = Path(run_dir)
+    trials = store.read_trials(run_dir)
+    rows = []
+    for strategy in finished_strategies(run_dir):
+        best = store.read_json(run_dir / strategy / BEST_FILE)
+        final = final_record(run_dir, strategy)
+        setup = final["setup"]
+        own = trials[trials["strategy"] == strategy]
+        rows.append({
+            "strategy": strategy,
+            "backbone": setup["backbone"],
+            "block_optimizer": setup["block_optimizer"],
+            "block_learning_rate": setup["block_learning_rate"],
+            "finetune_optimizer": setup["finetune_optimizer"],
+            "finetune_learning_rate": setup["finetune_learning_rate"],
+            "delimiting_layer": setup["delimiting_layer"],
+            "model_val_accuracy": best["model"]["val_accuracy"],
+            "final_val_accuracy": best["final"]["val_accuracy"] if "final" in best else np.nan,
+            "final_trial": final["id"],
+            "trials": len(own),
+            "minutes": own["seconds"].sum() / 60,
+        })
+    return pd.DataFrame(rows).set_index("strategy") if rows else pd.DataFrame()
+
+
+@dataclass
+class Evaluation:
+    """A final model's predictions on one split, scored."""
+
+    strategy: str
+    split: str
+    metrics: pd.DataFrame
+    confusion: pd.DataFrame
+
+
+def evaluate_final_model(params: dict, run_dir: str | Path, strategy: str, split: str = "val",
+                         trainer: ModuleType | Any | None = None) -> Evaluation:
+    """Predict `split` with the strategy's final weights; per-class metrics and confusion matrix."""
+    from tlopt import training
+
+    trainer = trainer or training
+    manifest = data.read_manifest(Path(run_dir) / store.SPLIT_FILE)
+    names = data.class_names(manifest)
+    rows = manifest[manifest["split"] == split]
+    final = final_record(run_dir, strategy)
+    settings = training.TrainingSettings.from_params(params)
+    predicted = trainer.predict(final["setup"]["backbone"], final["weights"], rows, names, settings)
+    true = rows["label"].map(names.index).to_numpy()
+    return Evaluation(
+        strategy=strategy,
+        split=split,
+        metrics=metrics.per_class_metrics(true, predicted, names),
+        confusion=metrics.confusion_matrix(true, predicted, names),
+    )
+
+
+def baseline_comparison(evaluations: list[Evaluation], dataset: str) -> pd.DataFrame | None:
+    """The dataset paper's baselines with the average row of each final model; None if unknown."""
+    tables = [
+        metrics.compare_with_baselines(e.metrics, dataset, model_name=f"tlopt {e.strategy} ({e.split})")
+        for e in evaluations
+    ]
+    if not tables or tables[0] is None:
+        return None
+    combined = pd.concat(tables)
+    return combined[~combined.index.duplicated()]
+
+
+def _phase_column(trials: pd.DataFrame, phase: str, field: str) -> pd.Series:
+    """A `phases.<phase>.<field>` column, or missing values when no trial had that phase."""
+    return trials.get(f"phases.{phase}.{field}", pd.Series(np.nan, index=trials.index))
+
+
+def time_per_strategy(trials: pd.DataFrame) -> pd.DataFrame:
+    """Trials, failures, epochs trained and minutes spent, per strategy and step."""
+    epochs = sum(_phase_column(trials, phase, "epochs").fillna(0) for phase in PHASES)
+    frame = trials.assign(
+        failed=trials["status"] == "failed", epochs_trained=epochs, minutes=trials["seconds"] / 60
+    )
+    return (
+        frame.groupby(["strategy", "step"], sort=False)
+        .agg(trials=("id", "size"), failed=("failed", "sum"), epochs=("epochs_trained", "sum"),
+             minutes=("minutes", "sum"))
+        .reset_index()
+    )
+
+
+def nonconvergence_savings(trials: pd.DataFrame, params: dict) -> pd.DataFrame:
+    """Per strategy and phase: runs the filter stopped, and the epochs and minutes it saved.
+
+    A stopped run would otherwise have trained at most to the phase's epoch limit, so the
+    saved epochs are an upper bound (EarlyStopping might have ended some runs sooner);
+    minutes saved assume the stopped run's average time per epoch.
+    """
+    limits = {"block": params["training"]["block_epochs"], "finetune": params["training"]["finetune_epochs"]}
+    rows = []
+    for phase in PHASES:
+        epochs = _phase_column(trials, phase, "epochs")
+        stopped = _phase_column(trials, phase, "stopped_by") == "nonconvergence"
+        seconds = _phase_column(trials, phase, "seconds")
+        frame = pd.DataFrame({
+            "strategy": trials["strategy"],
+            "runs": epochs.notna(),
+            "stopped": stopped,
+            "epochs_run": epochs.fillna(0),
+            "epochs_saved": (limits[phase] - epochs).where(stopped, 0),
+            "minutes_saved": ((limits[phase] - epochs) * seconds / epochs / 60).where(stopped, 0),
+        })
+        summary = frame.groupby("strategy", sort=False).sum().reset_index()
+        rows.append(summary.assign(phase=phase))
+    table = pd.concat(rows, ignore_index=True)
+    table = table[table["runs"] > 0]
+    share = table["epochs_saved"] / (table["epochs_run"] + table["epochs_saved"])
+    table = table.assign(share_of_epochs_saved=share.fillna(0.0))
+    columns = ["strategy", "phase", "runs", "stopped", "epochs_run", "epochs_saved", "share_of_epochs_saved",
+               "minutes_saved"]
+    return table[columns].astype({"runs": int, "stopped": int, "epochs_run": int, "epochs_saved": int})
+
+
+def split_counts(split: pd.DataFrame) -> pd.DataFrame:
+    """Images per class and split, with totals: the table next to the class-count figure."""
+    return pd.crosstab(split["label"], split["split"], margins=True, margins_name="total")

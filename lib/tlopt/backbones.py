@@ -1,0 +1,207 @@
+"""The backbones: which `keras.applications` models a trial may use, and the transfer model built on one.
+
+A transfer model is `Input -> backbone (include_top=False) -> global pooling ("pool")
+-> Dense softmax ("predictions")`. The backbone is one nested layer of the model, so
+`base.layers` indexes the delimiting layer exactly as the thesis counts it (0 = input
+layer), and the head keeps stable names: its Dense layer can be trained elsewhere (on
+cached pooled features) and its weights set by name.
+
+Preprocessing: each backbone keeps Keras's default architecture and its own module's
+`preprocess_input`, applied to 0-255 floats by the input pipeline. For the MobileNetV3
+and EfficientNet families that function is the identity and the rescaling is a layer
+inside the model (`include_preprocessing=True`, Keras's default), because their
+ImageNet weights were trained that way; together the pipeline and the model always see
+the same scaling, and no backbone needs a special case.
+"""
+
+from __future__ import annotations
+
+import functools
+import gc
+import math
+import os
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import keras
+
+from tlopt.errors import ConfigError, WeightsError
+
+_APPS = keras.applications
+
+
+@dataclass(frozen=True)
+class Backbone:
+    """One backbone: how to build it, how to preprocess its input, its smallest input size."""
+
+    name: str
+    constructor: Callable[..., keras.Model]
+    preprocess_input: Callable
+    min_input_size: int
+
+
+def _backbone(name: str, module, min_input_size: int = 32, constructor: Callable | None = None) -> Backbone:
+    return Backbone(name, constructor or getattr(_APPS, name), module.preprocess_input, min_input_size)
+
+
+# Minimum sizes are Keras's own checks (measured: 71 for Xception, 75 for the Inception
+# family, 32 for the others).
+THESIS_BACKBONES: tuple[str, ...] = (
+    "Xception",
+    "VGG16",
+    "VGG19",
+    "ResNet50",
+    "InceptionV3",
+    "InceptionResNetV2",
+    "DenseNet121",
+    "DenseNet169",
+    "DenseNet201",
+)
+
+BACKBONES: dict[str, Backbone] = {
+    backbone.name: backbone
+    for backbone in (
+        _backbone("Xception", _APPS.xception, 71),
+        _backbone("VGG16", _APPS.vgg16),
+        _backbone("VGG19", _APPS.vgg19),
+        _backbone("ResNet50", _APPS.resnet),
+        _backbone("InceptionV3", _APPS.inception_v3, 75),
+        _backbone("InceptionResNetV2", _APPS.inception_resnet_v2, 75),
+        _backbone("DenseNet121", _APPS.densenet),
+        _backbone("DenseNet169", _APPS.densenet),
+        _backbone("DenseNet201", _APPS.densenet),
+        # Smaller models: quick on a CPU, for the demo, tests and small budgets.
+        _backbone("ResNet50V2", _APPS.resnet_v2),
+        _backbone("MobileNetV2", _APPS.mobilenet_v2),
+        _backbone("MobileNetV3Small", _APPS.mobilenet_v3),
+        _backbone("MobileNetV3Large", _APPS.mobilenet_v3),
+        # Without squeeze-excite and hard-swish: traces about 40 % faster, has ImageNet weights.
+        _backbone(
+            "MobileNetV3SmallMinimalistic",
+            _APPS.mobilenet_v3,
+            constructor=functools.partial(_APPS.MobileNetV3Small, minimalistic=True),
+        ),
+        _backbone("EfficientNetB0", _APPS.efficientnet),
+    )
+}
+
+
+def get_backbone(name: str) -> Backbone:
+    """The registered backbone called `name`; ConfigError listing the known names otherwise."""
+    try:
+        return BACKBONES[name]
+    except KeyError:
+        raise ConfigError(f"unknown backbone {name!r}; known backbones: {', '.join(BACKBONES)}") from None
+
+
+@functools.cache
+def layer_count(name: str) -> int:
+    """`len(base.layers)` of the backbone with include_top=False: the delimiting layer's upper bound.
+
+    Measured by building the backbone with random weights at its smallest input size (the
+    count does not depend on the size); cached because building the largest takes seconds.
+    """
+    backbone = get_backbone(name)
+    size = backbone.min_input_size
+    base = backbone.constructor(include_top=False, weights=None, input_shape=(size, size, 3))
+    count = len(base.layers)
+    del base
+    gc.collect()
+    return count
+
+
+def default_delimiting_layer(n_layers: int, fraction: float = 2 / 3) -> int:
+    """floor(fraction x n_layers): the thesis's delimiting layer during model optimization."""
+    if not 0 <= fraction <= 1:
+        raise ConfigError(f"delimiting fraction must be between 0 and 1, got {fraction}")
+    if n_layers < 0:
+        raise ConfigError(f"number of layers must be at least 0, got {n_layers}")
+    return math.floor(fraction * n_layers)
+
+
+def _keras_models_dir() -> Path:
+    """The folder where Keras caches downloaded weights (the rule of `keras.utils.get_file`)."""
+    home = Path(os.environ.get("KERAS_HOME", Path.home() / ".keras"))
+    if not os.access(home, os.W_OK):
+        home = Path("/tmp/.keras")
+    return home / "models"
+
+
+# Keras's message when a download fails (offline, HTTP error): "URL fetch failure on <url>: ...".
+_FETCH_FAILURE = re.compile(r"URL fetch failure on (\S+): ")
+
+
+def _build_base(backbone: Backbone, image_size: int, weights: str | os.PathLike | None) -> keras.Model:
+    """The backbone without its top, with ImageNet weights, a local weights file, or random weights."""
+    shape = (image_size, image_size, 3)
+    if weights is None or weights == "imagenet":
+        try:
+            return backbone.constructor(include_top=False, weights=weights, input_shape=shape)
+        except Exception as error:
+            match = _FETCH_FAILURE.search(str(error))
+            if match is None:
+                raise
+            # For every registered backbone Keras caches the file under the URL's last component.
+            file_name = match.group(1).rsplit("/", 1)[-1]
+            raise WeightsError(
+                f"ImageNet weights for {backbone.name} cannot be downloaded: place {file_name} "
+                f"in {_keras_models_dir()}/ (from {match.group(1)}), or set weights to a local file"
+            ) from None
+    path = Path(weights)
+    if not path.is_file():
+        raise WeightsError(f"weights file for {backbone.name} not found: {path}")
+    base = backbone.constructor(include_top=False, weights=None, input_shape=shape)
+    try:
+        base.load_weights(path)
+    except ValueError as error:
+        first_line = str(error).splitlines()[0]
+        raise WeightsError(f"cannot load weights file {path} into {backbone.name}: {first_line}") from None
+    return base
+
+
+def build_transfer_model(
+    name: str,
+    num_classes: int,
+    image_size: int,
+    weights: str | os.PathLike | None = "imagenet",
+    pooling: str = "max",
+) -> tuple[keras.Model, keras.Model]:
+    """Build the thesis's transfer model; return (model, base).
+
+    `weights`: "imagenet" (Keras's download cache; WeightsError with the file to place
+    there when offline), a local weights file of the base without its top, or None for
+    random weights. `pooling`: "max" (the thesis) or "avg". The head's layers are named
+    "pool" and "predictions".
+    """
+    backbone = get_backbone(name)
+    if image_size < backbone.min_input_size:
+        raise ConfigError(
+            f"image size {image_size} is too small for {name}: it needs at least "
+            f"{backbone.min_input_size}x{backbone.min_input_size} pixels"
+        )
+    if num_classes < 2:
+        raise ConfigError(f"a classifier needs at least 2 classes, got {num_classes}")
+    poolings = {"max": keras.layers.GlobalMaxPooling2D, "avg": keras.layers.GlobalAveragePooling2D}
+    if pooling not in poolings:
+        raise ConfigError(f"pooling must be one of {', '.join(poolings)}, got {pooling!r}")
+    base = _build_base(backbone, image_size, weights)
+    inputs = keras.Input(shape=(image_size, image_size, 3), name="image")
+    pooled = poolings[pooling](name="pool")(base(inputs))
+    outputs = keras.layers.Dense(num_classes, activation="softmax", name="predictions")(pooled)
+    return keras.Model(inputs, outputs, name=f"{name}_transfer"), base
+
+
+def set_delimiting_layer(base: keras.Model, index: int) -> None:
+    """Freeze the layers of `base` before `index`; train the layer at `index` and every later one.
+
+    `index` runs from 0 (everything trains) to len(base.layers) (everything frozen).
+    Compile the model again afterwards: Keras reads `trainable` when compiling.
+    """
+    n_layers = len(base.layers)
+    if not 0 <= index <= n_layers:
+        raise ConfigError(f"delimiting layer {index} is out of range for {base.name}: 0 to {n_layers}")
+    base.trainable = True
+    for position, layer in enumerate(base.layers):
+        layer.trainable = position >= index

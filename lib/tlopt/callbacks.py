@@ -1,0 +1,110 @@
+"""The callbacks of every training run, and the thesis's nonconvergence filter."""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import keras
+
+from tlopt.errors import ConfigError
+
+if TYPE_CHECKING:
+    from tlopt.training import TrainingSettings
+
+HISTORY_FILE = "history.csv"
+BEST_WEIGHTS_FILE = "best.weights.h5"
+
+
+class NonconvergenceFiltering(keras.callbacks.Callback):
+    """Stop a run whose monitored value stays on the wrong side of a threshold.
+
+    The thesis's filter: at the end of each epoch, a value below `threshold` (above it for
+    a loss-like monitor) stops training if the counter has already reached `patience`,
+    and otherwise adds one to the counter; a value at or above the threshold resets the
+    counter. With patience 5 and every value below, training stops at the end of epoch
+    index 5. Unlike `EarlyStopping(baseline=...)` it never stops a run that has passed the
+    threshold. `mode`: "max" (higher is better), "min", or "auto" (min if the monitor's
+    name contains "loss"). A NaN value counts as below the threshold.
+    """
+
+    def __init__(
+        self, monitor: str = "val_accuracy", threshold: float = 0.5, patience: int = 5, mode: str = "auto"
+    ) -> None:
+        super().__init__()
+        if mode not in ("auto", "min", "max"):
+            raise ConfigError(f"nonconvergence mode must be auto, min or max, got {mode!r}")
+        if patience < 0:
+            raise ConfigError(f"nonconvergence patience must be at least 0, got {patience}")
+        self.monitor = monitor
+        self.threshold = threshold
+        self.patience = patience
+        self.mode = ("min" if "loss" in monitor else "max") if mode == "auto" else mode
+        self.wait = 0
+        self.stopped = False
+        self.stopped_epoch: int | None = None
+
+    def on_train_begin(self, logs: dict | None = None) -> None:
+        self.wait = 0
+        self.stopped = False
+        self.stopped_epoch = None
+
+    def _not_converging(self, value: float) -> bool:
+        if math.isnan(value):
+            return True
+        return value < self.threshold if self.mode == "max" else value > self.threshold
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        logs = logs or {}
+        if self.monitor not in logs:
+            raise ConfigError(
+                f"nonconvergence filtering monitors {self.monitor!r}, which the epoch logs lack "
+                f"(they hold: {', '.join(sorted(logs))})"
+            )
+        if not self._not_converging(float(logs[self.monitor])):
+            self.wait = 0
+        elif self.wait >= self.patience:
+            self.model.stop_training = True
+            self.stopped = True
+            self.stopped_epoch = epoch
+        else:
+            self.wait += 1
+
+
+def run_callbacks(
+    phase_dir: str | os.PathLike, tensorboard_dir: str | os.PathLike, settings: TrainingSettings
+) -> list[keras.callbacks.Callback]:
+    """The callbacks of one run (classification block or fine-tuning).
+
+    `phase_dir` receives `history.csv` (per-epoch scalars) and `best.weights.h5` (the
+    whole model's weights at the best validation accuracy); `tensorboard_dir` the
+    TensorBoard event files (scalars only: no graph, no profiling, which cost seconds per
+    run). EarlyStopping watches validation accuracy; nonconvergence filtering is added
+    when `settings.nonconvergence` is on.
+    """
+    phase_dir = Path(phase_dir)
+    phase_dir.mkdir(parents=True, exist_ok=True)
+    callbacks = [
+        keras.callbacks.CSVLogger(str(phase_dir / HISTORY_FILE)),
+        keras.callbacks.ModelCheckpoint(
+            str(phase_dir / BEST_WEIGHTS_FILE),
+            monitor="val_accuracy",
+            mode="max",
+            save_best_only=True,
+            save_weights_only=True,
+        ),
+        keras.callbacks.TensorBoard(log_dir=str(tensorboard_dir), write_graph=False, profile_batch=0),
+        keras.callbacks.EarlyStopping(monitor="val_accuracy", mode="max", patience=settings.early_stopping_patience),
+    ]
+    if settings.nonconvergence:
+        callbacks.append(
+            NonconvergenceFiltering(
+                monitor=settings.nonconvergence_monitor,
+                threshold=settings.nonconvergence_threshold,
+                patience=settings.nonconvergence_patience,
+                mode=settings.nonconvergence_mode,
+            )
+        )
+    return callbacks

@@ -1,0 +1,246 @@
+"""`tlopt run` executes the notebook suite on a parameter file; `tlopt report` renders a run.
+
+The notebooks are the program (DESIGN.md): `tlopt run` only decides which notebooks run,
+in what order and with which parameters, and executes them with papermill, in a kernel
+of this very interpreter. Everything a run writes stays in its folder, so a stopped or
+failed run resumes from the first notebook that did not finish.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import threading
+import time
+from pathlib import Path
+
+from tlopt import store
+from tlopt.errors import TloptError
+from tlopt.params import STRATEGY_NAMES, load_params
+from tlopt.report import NOTEBOOKS_DIR, render_report
+
+# The source notebooks: the repository's notebooks/ folder (tlopt is installed editable from it).
+SOURCE_NOTEBOOKS = Path(__file__).resolve().parents[2] / "notebooks"
+KERNEL_NAME = "python3"
+# strategy -> (source notebook, name of its executed copy); joint is shared's single-step
+# search plus the delimiting fraction, so notebook 01 runs it with `strategy = "joint"`.
+STRATEGY_NOTEBOOKS = {
+    "shared": ("01_shared_strategy", "01_shared_strategy"),
+    "joint": ("01_shared_strategy", "01_shared_strategy-joint"),
+    "separate_hyperparameters": ("02_separate_hyperparameters", "02_separate_hyperparameters"),
+    "separate_optimizations": ("03_separate_optimizations", "03_separate_optimizations"),
+}
+EXIT_USER_ERROR = 2
+EXIT_NOTEBOOK_FAILED = 1
+
+
+class NotebookFailed(Exception):
+    """A notebook raised an error or its kernel died; the message is one line."""
+
+
+def plan(params: dict, strategies: list[str]) -> list[tuple[str, str, dict]]:
+    """(output name, source notebook, extra parameters) of every notebook of a run, in order."""
+    steps = [("00_data_split", "00_data_split", {})]
+    for strategy in strategies:
+        source, name = STRATEGY_NOTEBOOKS[strategy]
+        steps.append((name, source, {"strategy": strategy} if source == "01_shared_strategy" else {}))
+    if params["layer_optimization"]["enabled"]:
+        for strategy in strategies:
+            steps.append((f"04_layer_optimization-{strategy}", "04_layer_optimization", {"strategy": strategy}))
+    steps.append(("05_analysis", "05_analysis", {}))
+    return steps
+
+
+def finished(notebook: Path) -> bool:
+    """Whether papermill executed this notebook to its end without an error."""
+    import nbformat
+
+    if not notebook.is_file():
+        return False
+    metadata = nbformat.read(notebook, as_version=4).metadata.get("papermill", {})
+    return metadata.get("end_time") is not None and not metadata.get("exception")
+
+
+def check_kernel() -> None:
+    """The kernel papermill starts must be this interpreter, or the notebooks import another tlopt.
+
+    jupyter_client runs a kernel spec whose command is plain `python` with the current
+    interpreter; a `python3` kernel spec elsewhere with an absolute path would not.
+    """
+    from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
+
+    try:
+        command = KernelSpecManager().get_kernel_spec(KERNEL_NAME).argv[0]
+    except NoSuchKernel:
+        raise TloptError(f"no '{KERNEL_NAME}' Jupyter kernel: install ipykernel in {sys.prefix}") from None
+    version = sys.version_info
+    plain = {"python", f"python{version.major}", f"python{version.major}.{version.minor}"}
+    if command not in plain and Path(command).resolve() != Path(sys.executable).resolve():
+        raise TloptError(
+            f"the '{KERNEL_NAME}' Jupyter kernel runs {command}, not {sys.executable}: "
+            f"remove that kernel spec (`jupyter kernelspec list`) or run from its environment"
+        )
+
+
+def restrict_gpus(count: int) -> None:
+    """Make only the first `count` GPUs visible to the notebooks' kernels (0: CPU only).
+
+    The kernels inherit this process's environment. Trials run one after another, and
+    TensorFlow trains each on the first visible GPU, so more than one GPU is not faster.
+    """
+    available = os.environ.get("CUDA_VISIBLE_DEVICES")
+    devices = available.split(",") if available else [str(index) for index in range(count)]
+    os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(devices[:count])
+
+
+class TrialPrinter(threading.Thread):
+    """Prints a line for every trial that a notebook finishes (a search runs for hours)."""
+
+    def __init__(self, run_dir: Path):
+        super().__init__(daemon=True)
+        self.trials = store.TrialStore(run_dir)
+        self.seen = len(self.trials.records())
+        self.stopping = threading.Event()
+
+    def run(self) -> None:
+        while not self.stopping.wait(2.0):
+            self.print_new()
+
+    def print_new(self) -> None:
+        records = self.trials.records()
+        for record in records[self.seen:]:
+            result = f"val_accuracy {record['val_accuracy']:.3f}" if record["status"] == "ok" else record["error"]
+            print(f"    trial {record['id']}: {result} ({record['seconds']:.0f} s)", flush=True)
+        self.seen = len(records)
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.join()
+        self.print_new()
+
+
+def execute(source: Path, output: Path, parameters: dict) -> None:
+    """Run one notebook with papermill; a failure becomes a one-line NotebookFailed."""
+    import papermill
+    from nbclient.exceptions import DeadKernelError
+    from papermill.exceptions import PapermillExecutionError
+
+    try:
+        papermill.execute_notebook(
+            str(source), str(output), parameters=parameters, kernel_name=KERNEL_NAME,
+            cwd=str(source.parent), progress_bar=False,
+        )
+    except PapermillExecutionError as error:
+        message = " ".join(str(error.evalue).split())
+        raise NotebookFailed(
+            f"{source.name} failed in cell [{error.exec_count}]: {error.ename}: {message} (executed notebook: {output})"
+        ) from None
+    except DeadKernelError as error:
+        raise NotebookFailed(f"{source.name}: the kernel died ({error}); executed notebook: {output}") from None
+
+
+def run(args: argparse.Namespace) -> int:
+    overrides: dict = {}
+    if args.no_nonconvergence_filter:
+        overrides["training.nonconvergence.enabled"] = False
+    if args.resume:
+        run_dir = Path(args.resume).resolve()
+        if not (run_dir / store.PARAMS_FILE).is_file():
+            raise TloptError(f"cannot resume {run_dir}: not a run folder (no {store.PARAMS_FILE})")
+        overrides.update(run_name=run_dir.name, results_dir=str(run_dir.parent))
+    elif args.name:
+        overrides["run_name"] = args.name
+    params = load_params(args.params, overrides)
+    run_dir = store.run_dir_for(params)
+    if not args.resume and run_dir.exists():
+        if not args.replace:
+            raise TloptError(f"{run_dir} already exists: choose another --name, --resume it or --replace it")
+        if any(run_dir.iterdir()) and not (run_dir / store.PARAMS_FILE).is_file():
+            raise TloptError(f"refusing to replace {run_dir}: it is not a tlopt run folder")
+        shutil.rmtree(run_dir)
+    strategies = params["strategies"] if args.strategy == "all" else [args.strategy]
+    if not SOURCE_NOTEBOOKS.is_dir():
+        raise TloptError(f"notebooks not found in {SOURCE_NOTEBOOKS}: install tlopt editable from its repository")
+    check_kernel()
+    if args.gpus is not None:
+        restrict_gpus(args.gpus)
+
+    store.open_run(params, run_dir)
+    notebooks = plan(params, strategies)
+    started = time.time()
+    rerun = not args.resume
+    printer = TrialPrinter(run_dir)
+    printer.start()
+    try:
+        for number, (name, source, extra) in enumerate(notebooks, start=1):
+            output = run_dir / NOTEBOOKS_DIR / f"{name}.ipynb"
+            rerun = rerun or not finished(output)
+            if not rerun:
+                print(f"[{number}/{len(notebooks)}] {name}: finished before, skipped", flush=True)
+                continue
+            print(f"[{number}/{len(notebooks)}] {name} ...", flush=True)
+            output.parent.mkdir(parents=True, exist_ok=True)
+            notebook_started = time.time()
+            parameters = {"params_file": str(run_dir / store.PARAMS_FILE), "run_dir": str(run_dir),
+                          "interactive": False, **extra}
+            execute(SOURCE_NOTEBOOKS / f"{source}.ipynb", output, parameters)
+            printer.print_new()
+            print(f"[{number}/{len(notebooks)}] {name} done in {time.time() - notebook_started:.0f} s", flush=True)
+    finally:
+        printer.stop()
+    report = render_report(run_dir)
+    print(f"report: {report} (run took {time.time() - started:.0f} s)")
+    return 0
+
+
+def report(args: argparse.Namespace) -> int:
+    print(f"report: {render_report(Path(args.run_dir))}")
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    main_parser = argparse.ArgumentParser(prog="tlopt", description=__doc__.splitlines()[0])
+    commands = main_parser.add_subparsers(dest="command", required=True)
+
+    run_parser = commands.add_parser(
+        "run", help="execute the notebooks on a parameter file",
+        description="Execute 00_data_split, the strategies, their layer optimizations and 05_analysis "
+                    "with papermill, then render <run>/report.html.",
+    )
+    run_parser.add_argument("params", help="the parameter file (YAML)")
+    run_parser.add_argument("--strategy", default="all", choices=["all", *STRATEGY_NAMES],
+                            help="one strategy, or all of the parameter file's strategies (default)")
+    folder = run_parser.add_mutually_exclusive_group()
+    folder.add_argument("--name", help="the run's folder name under results_dir (default: run_name); "
+                                       "it must not exist yet")
+    folder.add_argument("--resume", metavar="DIR", help="continue the run in DIR where it stopped")
+    run_parser.add_argument("--replace", action="store_true",
+                            help="delete an existing run folder of the same name first")
+    run_parser.add_argument("--no-nonconvergence-filter", action="store_true",
+                            help="switch nonconvergence filtering off (training.nonconvergence.enabled)")
+    run_parser.add_argument("--gpus", type=int, metavar="N",
+                            help="make only the first N GPUs visible (0: CPU only); trials use one at a time")
+    run_parser.set_defaults(handler=run)
+
+    report_parser = commands.add_parser("report", help="render <run>/report.html from the executed notebooks")
+    report_parser.add_argument("run_dir", help="the run folder")
+    report_parser.set_defaults(handler=report)
+    return main_parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    if getattr(args, "replace", False) and args.resume:
+        parser().error("--replace cannot be combined with --resume")
+    if getattr(args, "gpus", None) is not None and args.gpus < 0:
+        parser().error("--gpus must be 0 or more")
+    try:
+        return args.handler(args)
+    except TloptError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except NotebookFailed as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_NOTEBOOK_FAILED

@@ -1,0 +1,337 @@
+"""The dataset: discover a folder-per-class tree, check its images, split it, feed it to Keras.
+
+Labels are the class folder names (strings, also for Nerthus's `0`..`3`); a model sees
+integer indices into the sorted class names.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import tensorflow as tf
+from PIL import Image
+from sklearn.model_selection import train_test_split
+
+from tlopt.errors import DataError
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif"})
+MANIFEST_COLUMNS = ["path", "label", "group", "split"]
+# The formats tf.io.decode_image reads (MPO is a JPEG with extra frames); PIL opens more
+# (TIFF, WebP, ...), which would fail in training.
+_TF_FORMATS = frozenset({"JPEG", "MPO", "PNG", "BMP", "GIF"})
+
+
+def _image_files(folder: Path) -> list[Path]:
+    return [
+        entry
+        for entry in folder.iterdir()
+        if entry.is_file() and not entry.name.startswith(".") and entry.suffix.lower() in IMAGE_EXTENSIONS
+    ]
+
+
+def discover(root: str | os.PathLike) -> pd.DataFrame:
+    """List the images of a folder-per-class dataset as DataFrame[path, label].
+
+    The label is the class folder's name. Some Kvasir mirrors double each class folder
+    (`<class>/<class>/*.jpg`); those images count for the class too. Hidden entries
+    (`.ipynb_checkpoints`, macOS `._*` files) are skipped. Files are matched by extension
+    only; `find_bad_images` checks that they decode.
+    """
+    root = Path(os.path.abspath(root))
+    if not root.is_dir():
+        raise DataError(f"dataset folder not found: {root}")
+    class_dirs = sorted(
+        entry for entry in root.iterdir() if entry.is_dir() and not entry.name.startswith(".")
+    )
+    if not class_dirs:
+        raise DataError(f"no class folders in {root}: expected one folder of images per class")
+    rows = []
+    for class_dir in class_dirs:
+        files = _image_files(class_dir)
+        mirror = class_dir / class_dir.name
+        if mirror.is_dir():
+            files += _image_files(mirror)
+        if not files:
+            raise DataError(
+                f"class folder has no images ({', '.join(sorted(IMAGE_EXTENSIONS))}): {class_dir}"
+            )
+        rows += [(str(path), class_dir.name) for path in files]
+    if len(class_dirs) == 1:
+        raise DataError(
+            f"only one class folder ({class_dirs[0].name}) in {root}: classification needs at least two"
+        )
+    frame = pd.DataFrame(rows, columns=["path", "label"])
+    return frame.sort_values(["label", "path"], ignore_index=True)
+
+
+def _image_problem(path: str) -> str | None:
+    """Why the file at `path` cannot be used as an image, or None if it decodes."""
+    try:
+        if os.path.getsize(path) == 0:
+            return "empty file"
+        with Image.open(path) as image:
+            image.verify()
+        # verify() reads the structure only; a truncated JPEG fails only when decoded.
+        with Image.open(path) as image:
+            if image.format not in _TF_FORMATS:
+                return f"format {image.format} is not read by TensorFlow (JPEG, PNG, BMP, GIF are)"
+            # Decoding at reduced scale still reads every compressed byte, several times faster.
+            image.draft("RGB", (image.width // 8, image.height // 8))
+            image.load()
+    except Exception as error:  # any failure to decode makes the file unusable
+        return f"{type(error).__name__}: {error}"
+    return None
+
+
+def find_bad_images(frame: pd.DataFrame) -> pd.DataFrame:
+    """Return the rows of `frame` whose files do not decode, with a `reason` column.
+
+    A bad file would stop training mid-epoch, so notebooks check the whole dataset first.
+    Decoding runs in threads: PIL releases the GIL while it decodes.
+    """
+    with ThreadPoolExecutor(max_workers=os.cpu_count()) as pool:
+        reasons = list(pool.map(_image_problem, frame["path"]))
+    bad = frame[["path", "label"]].assign(reason=reasons)
+    return bad[bad["reason"].notna()].reset_index(drop=True)
+
+
+def _check_fractions(val_fraction: float, test_fraction: float) -> None:
+    if not 0 < val_fraction < 1:
+        raise DataError(f"val_fraction must be between 0 and 1 (exclusive), got {val_fraction}")
+    if not 0 <= test_fraction < 1:
+        raise DataError(f"test_fraction must be at least 0 and below 1, got {test_fraction}")
+    if val_fraction + test_fraction >= 1:
+        raise DataError(
+            f"val_fraction + test_fraction must be below 1 to leave training images, "
+            f"got {val_fraction} + {test_fraction}"
+        )
+
+
+def _groups(paths: pd.Series, group_pattern: str | None) -> pd.Series:
+    """The group of each file: the pattern's first capture group on the file name, or the name."""
+    names = paths.map(lambda path: Path(path).name)
+    if group_pattern is None:
+        return names
+    try:
+        regex = re.compile(group_pattern)
+    except re.error as error:
+        raise DataError(
+            f"group_pattern {group_pattern!r} is not a valid regular expression: {error}"
+        ) from None
+    if regex.groups == 0:
+        raise DataError(f"group_pattern {group_pattern!r} has no capture group, e.g. 'bowel_(\\d+)_'")
+
+    def group_of(name: str) -> str:
+        match = regex.search(name)
+        if match is None or match.group(1) is None:
+            raise DataError(f"file name {name!r} does not match group_pattern {group_pattern!r}")
+        return match.group(1)
+
+    return names.map(group_of)
+
+
+def _split_rows(frame: pd.DataFrame, val_fraction: float, test_fraction: float, seed: int) -> pd.Series:
+    """Split each class's images on their own with scikit-learn.
+
+    Each class gives round(fraction x its images), at least one, to validation (and test);
+    integer counts keep float fuzz (0.2 + 0.1 > 0.3) from moving an image.
+    """
+    result = pd.Series("train", index=frame.index)
+    for label, rows in frame.groupby("label"):
+        n_val = max(1, round(len(rows) * val_fraction))
+        n_test = max(1, round(len(rows) * test_fraction)) if test_fraction > 0 else 0
+        if len(rows) - n_val - n_test < 1:
+            raise DataError(
+                f"class {label!r} has {len(rows)} image(s): too few for val_fraction={val_fraction}, "
+                f"test_fraction={test_fraction} (every split needs at least one image of each class)"
+            )
+        _, held = train_test_split(rows.index, test_size=n_val + n_test, random_state=seed)
+        result[held] = "val"
+        if n_test:
+            _, test = train_test_split(held, test_size=n_test, random_state=seed)
+            result[test] = "test"
+    return result
+
+
+def _assign_groups(sizes: pd.Series, targets: dict[str, float], rng: np.random.Generator) -> dict[str, str]:
+    """Assign whole groups to splits so that image counts approach `targets` (image counts).
+
+    Groups come in random order; the first goes to each split in turn so that no split is
+    empty, then each next group goes to the split furthest below its target.
+    """
+    filled = dict.fromkeys(targets, 0)
+    assignment = {}
+    for position, group in enumerate(rng.permutation(sizes.index.to_numpy())):
+        if position < len(targets):
+            name = list(targets)[position]
+        else:
+            name = max(targets, key=lambda split_name: targets[split_name] - filled[split_name])
+        assignment[group] = name
+        filled[name] += sizes[group]
+    return assignment
+
+
+def _split_groups(frame: pd.DataFrame, val_fraction: float, test_fraction: float, seed: int) -> pd.Series:
+    """Split whole groups, class by class (a group counts for its most frequent label).
+
+    scikit-learn's group splitters either split by group count (GroupShuffleSplit) or into
+    equal folds (StratifiedGroupKFold); neither guarantees that a class with two groups
+    (Nerthus's class 0) gets one in training and one in validation.
+    """
+    fractions = {"train": 1 - val_fraction - test_fraction, "val": val_fraction}
+    if test_fraction > 0:
+        fractions["test"] = test_fraction
+    group_labels = frame.groupby("group")["label"].agg(lambda labels: labels.mode().iloc[0])
+    group_sizes = frame.groupby("group").size()
+    rng = np.random.default_rng(seed)
+    assignment: dict[str, str] = {}
+    for label in sorted(group_labels.unique()):
+        sizes = group_sizes[group_labels.index[group_labels == label]]
+        if len(sizes) < len(fractions):
+            raise DataError(
+                f"class {label!r} has {len(sizes)} group(s) ({len(frame[frame['label'] == label])} images): "
+                f"too few for a {'/'.join(fractions)} split that keeps groups whole "
+                f"(needs at least {len(fractions)})"
+            )
+        targets = {name: fraction * sizes.sum() for name, fraction in fractions.items()}
+        assignment |= _assign_groups(sizes, targets, rng)
+    return frame["group"].map(assignment)
+
+
+def split(
+    frame: pd.DataFrame,
+    val_fraction: float = 0.3,
+    test_fraction: float = 0.0,
+    seed: int = 0,
+    group_pattern: str | None = None,
+) -> pd.DataFrame:
+    """Add `group` and `split` (train/val/test) columns: a seeded split stratified by label.
+
+    Without `group_pattern` every image is split on its own (the thesis's 70/30 per class)
+    and its group is its file name. With a pattern (Nerthus: `bowel_(\\d+)_`), the group is
+    the pattern's first capture group on the file name, and a group never spans two splits,
+    because near-duplicate frames of one video on both sides inflate validation accuracy.
+    """
+    _check_fractions(val_fraction, test_fraction)
+    result = frame[["path", "label"]].assign(group=_groups(frame["path"], group_pattern))
+    splitter = _split_rows if group_pattern is None else _split_groups
+    return result.assign(split=splitter(result, val_fraction, test_fraction, seed))
+
+
+def write_manifest(frame: pd.DataFrame, path: str | os.PathLike) -> None:
+    """Write the split manifest (path,label,group,split) atomically: a reader never sees half a file."""
+    missing = [column for column in MANIFEST_COLUMNS if column not in frame.columns]
+    if missing:
+        raise DataError(f"cannot write manifest {path}: the frame lacks column(s) {', '.join(missing)}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "w", newline="") as stream:
+            frame[MANIFEST_COLUMNS].to_csv(stream, index=False)
+        os.replace(temporary, path)
+    except BaseException:
+        os.unlink(temporary)
+        raise
+
+
+def read_manifest(path: str | os.PathLike) -> pd.DataFrame:
+    """Read a split manifest; every column stays a string (Nerthus labels `0`..`3` are names)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"split manifest not found: {path}")
+    frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+    missing = [column for column in MANIFEST_COLUMNS if column not in frame.columns]
+    if missing:
+        raise DataError(f"split manifest {path} lacks column(s) {', '.join(missing)}")
+    return frame[MANIFEST_COLUMNS]
+
+
+def class_names(frame: pd.DataFrame) -> list[str]:
+    """The sorted labels: index i of a model's output is class_names(frame)[i]."""
+    return sorted(frame["label"].unique())
+
+
+def _load_image(path: tf.Tensor, image_size: int) -> tf.Tensor:
+    """Read, decode and resize one image to a float32 (size, size, 3) tensor of 0-255 values."""
+    image = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
+    image = tf.image.resize(image, (image_size, image_size), method="bilinear")
+    image.set_shape((image_size, image_size, 3))
+    return image
+
+
+def _decoded_dataset(files: tf.data.Dataset, image_size: int) -> tf.data.Dataset:
+    """Turn (path, label) elements into (image, label) in the same order.
+
+    The one place where files become pixels; everything after it (flips, preprocess) is
+    cheap. A decoded-image cache belongs here, keyed by file and image size: in training the
+    paths arrive already shuffled, so a tf.data `.cache()` of this stream would freeze the
+    first epoch's order (and shuffling decoded images instead would hold the dataset in memory).
+    """
+    return files.map(
+        lambda path, label: (_load_image(path, image_size), label),
+        num_parallel_calls=tf.data.AUTOTUNE,
+    )
+
+
+def _random_flips(dataset: tf.data.Dataset, seed: int) -> tf.data.Dataset:
+    """Flip each image horizontally and vertically, each with probability 1/2.
+
+    Stateless flips with per-element seeds from a seeded random stream: reproducible for a
+    seed even with parallel calls, and different in every epoch.
+    """
+    seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
+
+    def flip(element: tuple[tf.Tensor, tf.Tensor], pair: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        image, label = element
+        horizontal, vertical = tf.unstack(tf.random.experimental.stateless_split(pair, num=2))
+        image = tf.image.stateless_random_flip_left_right(image, seed=horizontal)
+        image = tf.image.stateless_random_flip_up_down(image, seed=vertical)
+        return image, label
+
+    return tf.data.Dataset.zip(dataset, seeds).map(flip, num_parallel_calls=tf.data.AUTOTUNE)
+
+
+def make_dataset(
+    frame: pd.DataFrame,
+    class_names: list[str],
+    image_size: int,
+    batch_size: int,
+    preprocess: Callable[[tf.Tensor], tf.Tensor] | None,
+    training: bool,
+    seed: int = 0,
+) -> tf.data.Dataset:
+    """A tf.data pipeline of (float32 NHWC images, int32 labels) batches for Keras.
+
+    Training: the whole frame is shuffled again in every epoch (seeded) and images are
+    randomly flipped horizontally and vertically, the thesis's only augmentation.
+    Otherwise: the frame's order, no augmentation. `preprocess` (a backbone's
+    `preprocess_input`, on 0-255 floats) is applied to each batch; None leaves images as they are.
+    """
+    if frame.empty:
+        raise DataError("cannot make a dataset of an empty frame: the split has no images")
+    indices = {name: index for index, name in enumerate(class_names)}
+    unknown = sorted(set(frame["label"]) - set(indices))
+    if unknown:
+        raise DataError(f"label(s) {', '.join(map(repr, unknown))} not among class_names {class_names}")
+    labels = frame["label"].map(indices).to_numpy(dtype=np.int32)
+    files = tf.data.Dataset.from_tensor_slices((frame["path"].to_numpy(dtype=str), labels))
+    if training:
+        # Shuffle paths, not pixels: a buffer of the whole frame costs bytes per image, not megabytes.
+        files = files.shuffle(len(frame), seed=seed, reshuffle_each_iteration=True)
+    dataset = _decoded_dataset(files, image_size)
+    if training:
+        dataset = _random_flips(dataset, seed)
+    dataset = dataset.batch(batch_size)
+    if preprocess is not None:
+        dataset = dataset.map(
+            lambda images, labels: (preprocess(images), labels), num_parallel_calls=tf.data.AUTOTUNE
+        )
+    return dataset.prefetch(tf.data.AUTOTUNE)

@@ -1,0 +1,241 @@
+"""Every figure of the project; each function returns a matplotlib Figure.
+
+Figures are built with the object-oriented API (no pyplot state), so that
+they can be saved headless and shown in a notebook alike.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import seaborn
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from PIL import Image
+
+
+def convergence_figure(X: np.ndarray, accuracies: np.ndarray) -> Figure:
+    """GPyOpt's convergence plot: distance between consecutive points, best value so far."""
+    X = np.asarray(X, dtype=float)
+    accuracies = np.asarray(accuracies, dtype=float).reshape(-1)
+    figure = Figure(figsize=(10, 3.5))
+    figure.subplots_adjust(left=0.07, right=0.98, bottom=0.15, wspace=0.25)
+    left, right = figure.subplots(1, 2)
+    iterations = np.arange(1, len(accuracies) + 1)
+    distances = np.sqrt(np.sum(np.diff(X, axis=0) ** 2, axis=1)) if len(X) > 1 else np.array([])
+    left.plot(iterations[1:], distances, "-o", color="tab:red")
+    left.set(title="Distance between consecutive x's", xlabel="Iteration", ylabel="d(x[n], x[n-1])")
+    right.plot(iterations, np.maximum.accumulate(accuracies), "-o", color="tab:blue")
+    right.set(title="Best validation accuracy so far", xlabel="Iteration", ylabel="best val_accuracy")
+    for axis in (left, right):
+        axis.grid(True, alpha=0.3)
+    return figure
+
+
+def acquisition_figure(surface: dict) -> Figure:
+    """The surrogate's mean and uncertainty with the acquisition, for 1-D and 2-D domains.
+
+    `surface` comes from `optimize.surrogate_surface`: for each curve (one per
+    category of a categorical variable, or a single one) the grid, the mean and
+    standard deviation of the predicted validation accuracy, and the acquisition.
+    A 2-D numeric domain is drawn as heat maps.
+    """
+    if surface["kind"] == "grid2d":
+        figure = Figure(figsize=(13, 3.8), layout="constrained")
+        axes = figure.subplots(1, 3)
+        extent = [*surface["x_range"], *surface["y_range"]]
+        for axis, key, title in zip(
+            axes, ("mean", "std", "acquisition"), ("Predicted val_accuracy", "Uncertainty (std)", "Acquisition")
+        ):
+            image = axis.imshow(surface[key], origin="lower", extent=extent, aspect="auto")
+            figure.colorbar(image, ax=axis)
+            axis.scatter(surface["points"][:, 0], surface["points"][:, 1], c="red", s=15)
+            axis.set(title=title, xlabel=surface["x_label"], ylabel=surface["y_label"])
+        return figure
+
+    figure = Figure(figsize=(9, 6), layout="constrained")
+    top, bottom = figure.subplots(2, 1, sharex=True)
+    for curve in surface["curves"]:
+        line = top.plot(curve["grid"], curve["mean"], label=curve["label"])[0]
+        top.fill_between(
+            curve["grid"], curve["mean"] - 2 * curve["std"], curve["mean"] + 2 * curve["std"],
+            color=line.get_color(), alpha=0.15,
+        )
+        bottom.plot(curve["grid"], curve["acquisition"], color=line.get_color(), label=curve["label"])
+        top.scatter(curve["points_x"], curve["points_y"], color=line.get_color(), s=20, zorder=3)
+    top.set(title="Surrogate: predicted val_accuracy (mean +- 2 std) and observations", ylabel="val_accuracy")
+    bottom.set(title="Acquisition function", xlabel=surface["x_label"], ylabel="acquisition")
+    if len(surface["curves"]) > 1:
+        top.legend(fontsize="small")
+    for axis in (top, bottom):
+        axis.grid(True, alpha=0.3)
+    return figure
+
+
+STRATEGY_COLOURS = {
+    "shared": "tab:blue",
+    "separate_hyperparameters": "tab:orange",
+    "separate_optimizations": "tab:green",
+    "joint": "tab:red",
+}
+METHOD_COLOURS = {"initial": "tab:gray", "bayesian": "tab:blue", "random": "tab:orange"}
+PHASE_TITLES = {"block": "Classification block", "finetune": "Fine-tuning"}
+
+
+def _colour(name: str, index: int) -> str:
+    """A strategy's own colour; labels of compared runs get the next colours of the cycle."""
+    return STRATEGY_COLOURS.get(name, f"C{(index + len(STRATEGY_COLOURS)) % 10}")
+
+
+def class_counts_figure(split: pd.DataFrame) -> Figure:
+    """Images per class in each split (train/val/test), as grouped horizontal bars."""
+    counts = pd.crosstab(split["label"], split["split"])
+    counts = counts[[name for name in ("train", "val", "test") if name in counts.columns]]
+    figure = Figure(figsize=(8, 0.5 * len(counts) + 1.5), layout="constrained")
+    axis = figure.subplots()
+    counts.plot.barh(ax=axis)
+    axis.invert_yaxis()
+    axis.set(title="Images per class and split", xlabel="images", ylabel="")
+    axis.grid(True, axis="x", alpha=0.3)
+    return figure
+
+
+def sample_grid_figure(split: pd.DataFrame, per_class: int = 5, seed: int = 0) -> Figure:
+    """A row of randomly chosen (seeded) images for every class."""
+    labels = sorted(split["label"].unique())
+    figure = Figure(figsize=(1.6 * per_class, 1.7 * len(labels)), layout="constrained")
+    axes = figure.subplots(len(labels), per_class, squeeze=False)
+    for row, label in zip(axes, labels):
+        rows = split[split["label"] == label]
+        paths = rows["path"].sample(min(per_class, len(rows)), random_state=seed)
+        for column, axis in enumerate(row):
+            axis.set_xticks([])
+            axis.set_yticks([])
+            if column < len(paths):
+                with Image.open(paths.iloc[column]) as image:
+                    axis.imshow(image.convert("RGB"))
+            else:
+                axis.set_axis_off()
+        row[0].set_ylabel(label, rotation=0, ha="right", va="center")
+    figure.suptitle("Sample images per class")
+    return figure
+
+
+def bo_progress_figure(trials: pd.DataFrame) -> Figure:
+    """Each trial's validation accuracy in order, coloured by how it was chosen, with the best so far.
+
+    One panel per BO step, three to a row. Where the best-so-far line rises after the dashed
+    line (the end of the random initial design), Bayesian optimization improved on random
+    points. Failed trials are drawn at 0 as crosses.
+    """
+    steps = list(dict.fromkeys(zip(trials["strategy"], trials["step"])))
+    columns = min(len(steps), 3)
+    grid_rows = -(-len(steps) // columns)
+    figure = Figure(figsize=(5.5 * columns, 3.8 * grid_rows), layout="constrained")
+    axes = figure.subplots(grid_rows, columns, squeeze=False).ravel()
+    for axis in axes[len(steps):]:
+        axis.set_axis_off()
+    for axis, (strategy, step) in zip(axes, steps):
+        rows = trials[(trials["strategy"] == strategy) & (trials["step"] == step)].sort_values("index")
+        accuracy = rows["val_accuracy"].astype(float).fillna(0.0).to_numpy()
+        numbers = rows["index"].to_numpy() + 1
+        for method, colour in METHOD_COLOURS.items():
+            chosen = (rows["method"] == method).to_numpy()
+            ok = (rows["status"] == "ok").to_numpy()
+            axis.scatter(numbers[chosen & ok], accuracy[chosen & ok], color=colour, label=method, zorder=3)
+            axis.scatter(numbers[chosen & ~ok], accuracy[chosen & ~ok], color=colour, marker="x", zorder=3)
+        axis.step(numbers, np.maximum.accumulate(accuracy), where="post", color="black", label="best so far")
+        initial = int((rows["method"] == "initial").sum())
+        if 0 < initial < len(rows):
+            axis.axvline(initial + 0.5, color="gray", linestyle="--", linewidth=1)
+        axis.set(title=f"{strategy} / {step}", xlabel="trial", ylabel="val_accuracy", ylim=(-0.03, 1.03))
+        axis.set_xticks(numbers)
+        axis.grid(True, alpha=0.3)
+        axis.legend(fontsize="small", loc="lower right")
+    return figure
+
+
+def accuracy_by_epoch_figure(history: pd.DataFrame, colour_by: str = "strategy") -> Figure:
+    """Validation accuracy of every run against epoch, one panel per phase (the thesis's overview)."""
+    phases = [phase for phase in PHASE_TITLES if phase in set(history["phase"])]
+    figure = Figure(figsize=(6 * max(len(phases), 1), 4), layout="constrained")
+    axes = np.atleast_1d(figure.subplots(1, max(len(phases), 1), squeeze=False)[0])
+    groups = list(dict.fromkeys(history[colour_by]))
+    for axis, phase in zip(axes, phases):
+        for (group, _), run in history[history["phase"] == phase].groupby([colour_by, "trial"], sort=False):
+            axis.plot(run["epoch"] + 1, run["val_accuracy"], "-o", markersize=3, alpha=0.7,
+                      color=_colour(group, groups.index(group)))
+        axis.set(title=PHASE_TITLES[phase], xlabel="epoch", ylabel="val_accuracy", ylim=(-0.03, 1.03))
+        axis.grid(True, alpha=0.3)
+    _legend(figure, axes[0], groups)
+    return figure
+
+
+def accuracy_by_time_figure(history: pd.DataFrame, colour_by: str = "strategy") -> Figure:
+    """Validation accuracy of every run against wall-clock minutes since the run started."""
+    figure = Figure(figsize=(12, 4), layout="constrained")
+    axis = figure.subplots()
+    groups = list(dict.fromkeys(history[colour_by]))
+    for (group, _, _), run in history.groupby([colour_by, "trial", "phase"], sort=False):
+        axis.plot(run["minutes"], run["val_accuracy"], "-o", markersize=3, alpha=0.7,
+                  color=_colour(group, groups.index(group)))
+    axis.set(title="Validation accuracy of every run against wall-clock time",
+             xlabel="minutes since the run started", ylabel="val_accuracy", ylim=(-0.03, 1.03))
+    axis.grid(True, alpha=0.3)
+    _legend(figure, axis, groups)
+    return figure
+
+
+def _legend(figure: Figure, axis, groups: list[str]) -> None:
+    handles = [Line2D([], [], color=_colour(group, index), label=group) for index, group in enumerate(groups)]
+    axis.legend(handles=handles, fontsize="small", loc="lower right")
+
+
+def strategy_comparison_figure(trials: pd.DataFrame, label_column: str = "strategy") -> Figure:
+    """Left: best validation accuracy so far over each strategy's trials (every step in order).
+    Right: the best validation accuracy of each step of each strategy.
+    """
+    figure = Figure(figsize=(13, 4.2), layout="constrained")
+    left, right = figure.subplots(1, 2)
+    labels = list(dict.fromkeys(trials[label_column]))
+    best_per_step = {}
+    for index, label in enumerate(labels):
+        rows = trials[trials[label_column] == label]
+        accuracy = rows["val_accuracy"].astype(float).fillna(0.0).to_numpy()
+        left.plot(np.arange(1, len(rows) + 1), np.maximum.accumulate(accuracy), "-o", markersize=3,
+                  color=_colour(label, index), label=label)
+        best_per_step[label] = rows.groupby("step", sort=False)["val_accuracy"].max()
+    left.set(title="Best validation accuracy so far", xlabel="trial (all steps in order)",
+             ylabel="best val_accuracy", ylim=(-0.03, 1.03))
+    left.grid(True, alpha=0.3)
+    left.legend(fontsize="small", loc="lower right")
+    table = pd.DataFrame(best_per_step).T
+    table.plot.bar(ax=right, rot=15)
+    right.set(title="Best validation accuracy per step", ylabel="val_accuracy", ylim=(0, 1.05), xlabel="")
+    right.grid(True, axis="y", alpha=0.3)
+    right.legend(title="step", fontsize="small")
+    return figure
+
+
+def confusion_matrix_figure(confusion: pd.DataFrame, title: str) -> Figure:
+    """The confusion matrix as an annotated heat map (true classes as rows)."""
+    size = 1.0 + 0.9 * len(confusion)
+    figure = Figure(figsize=(size + 2, size), layout="constrained")
+    axis = figure.subplots()
+    seaborn.heatmap(confusion, annot=True, fmt="d", cmap="Blues", cbar=False, ax=axis, square=True)
+    axis.set(title=title, xlabel="predicted", ylabel="true")
+    return figure
+
+
+def time_figure(time_table: pd.DataFrame) -> Figure:
+    """Minutes spent per strategy, stacked by step (from `analysis.time_per_strategy`)."""
+    minutes = time_table.pivot_table(
+        index="strategy", columns="step", values="minutes", aggfunc="sum", sort=False
+    )
+    figure = Figure(figsize=(8, 0.6 * len(minutes) + 1.8), layout="constrained")
+    axis = figure.subplots()
+    minutes.plot.barh(stacked=True, ax=axis)
+    axis.invert_yaxis()
+    axis.set(title="Training time per strategy", xlabel="minutes", ylabel="")
+    axis.grid(True, axis="x", alpha=0.3)
+    return figure

@@ -1,0 +1,130 @@
+"""The run folder on disk: atomic writes, the trial store, the run's parameters.
+
+`trials.jsonl` is the source of truth of an experiment (DESIGN.md): resume
+replays it and never runs a finished trial again. Every file is replaced
+atomically (write a temporary file in the same folder, fsync, rename), so a
+process killed at any moment leaves either the old or the new file, never a
+truncated one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import yaml
+
+from tlopt.errors import ConfigError
+
+TRIALS_FILE = "trials.jsonl"
+PARAMS_FILE = "params.yaml"
+SPLIT_FILE = "split.csv"
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> Path:
+    """Replace `path` with `data` in one rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "wb") as file:
+            file.write(data)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def atomic_write_text(path: Path, text: str) -> Path:
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: Path, value: Any) -> Path:
+    return atomic_write_text(path, json.dumps(value, indent=2, default=_jsonable) + "\n")
+
+
+def _jsonable(value: Any) -> Any:
+    """numpy scalars and paths in records become plain JSON values."""
+    if hasattr(value, "item"):
+        return value.item()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"cannot write {type(value).__name__} to JSON")
+
+
+def read_json(path: Path) -> Any:
+    return json.loads(Path(path).read_text())
+
+
+def run_dir_for(params: dict) -> Path:
+    return Path(params["results_dir"]) / params["run_name"]
+
+
+def _first_difference(old: Any, new: Any, prefix: str = "") -> str | None:
+    if isinstance(old, dict) and isinstance(new, dict):
+        for key in list(old) + [k for k in new if k not in old]:
+            found = _first_difference(old.get(key), new.get(key), f"{prefix}{key}.")
+            if found:
+                return found
+        return None
+    return None if old == new else f"{prefix.rstrip('.')}: {old!r} -> {new!r}"
+
+
+def open_run(params: dict, run_dir: Path | None = None) -> Path:
+    """Create the run folder with its `params.yaml`, or check that a resumed run matches.
+
+    A run resumed with other parameters would mix two experiments in one
+    trial store, so that is refused, naming the first key that differs.
+    """
+    run_dir = Path(run_dir) if run_dir is not None else run_dir_for(params)
+    stored = run_dir / PARAMS_FILE
+    if stored.is_file():
+        difference = _first_difference(yaml.safe_load(stored.read_text()), params)
+        if difference:
+            raise ConfigError(
+                f"{stored}: the parameters differ from the ones this run started with "
+                f"({difference}); start a new run instead of resuming"
+            )
+    else:
+        atomic_write_text(stored, yaml.safe_dump(params, sort_keys=False))
+    return run_dir
+
+
+class TrialStore:
+    """The finished trials of a run, one JSON object a line, in the order they finished."""
+
+    def __init__(self, run_dir: Path):
+        self.path = Path(run_dir) / TRIALS_FILE
+
+    def records(self) -> list[dict]:
+        if not self.path.is_file():
+            return []
+        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+
+    def of_step(self, strategy: str, step: str) -> list[dict]:
+        return [r for r in self.records() if r["strategy"] == strategy and r["step"] == step]
+
+    def append(self, record: dict) -> None:
+        """Rewrite the whole file with one more line: atomic, unlike an in-place append."""
+        existing = self.path.read_bytes() if self.path.is_file() else b""
+        line = json.dumps(record, default=_jsonable) + "\n"
+        atomic_write_bytes(self.path, existing + line.encode("utf-8"))
+
+    def frame(self) -> pd.DataFrame:
+        """The trials as a table, hyperparameters flattened into columns."""
+        records = self.records()
+        if not records:
+            return pd.DataFrame()
+        return pd.json_normalize(records, sep=".")
+
+
+def read_trials(run_dir: str | Path) -> pd.DataFrame:
+    """Every finished trial of a run as a DataFrame (for notebooks and the report)."""
+    return TrialStore(Path(run_dir)).frame()

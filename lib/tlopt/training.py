@@ -1,0 +1,281 @@
+"""One training run: the classification block on a frozen backbone, or fine-tuning from it.
+
+Each run seeds Keras first and frees the Keras session afterwards (also when it fails),
+because a search trains many models in one process and Keras keeps every graph otherwise.
+
+Files of a run (`run_dir`):
+    block/history.csv, block/best.weights.h5          classification block
+    finetune/history.csv, finetune/best.weights.h5    fine-tuning
+    tensorboard/block/, tensorboard/finetune/         TensorBoard event files
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import keras
+import numpy as np
+import pandas as pd
+import tensorflow as tf
+
+from tlopt import data
+from tlopt.backbones import build_transfer_model, get_backbone, set_delimiting_layer
+from tlopt.callbacks import BEST_WEIGHTS_FILE, NonconvergenceFiltering, run_callbacks
+from tlopt.errors import ConfigError, DataError, TrainingError
+
+# The thesis's optimizers, in its index order (GPyOpt's discrete encoding depends on it).
+OPTIMIZERS: tuple[str, ...] = ("Nadam", "SGD", "RMSprop", "Adagrad", "Adam", "Adamax", "Adadelta")
+
+LOSS = "sparse_categorical_crossentropy"
+
+
+def make_optimizer(name: str, learning_rate: float) -> keras.optimizers.Optimizer:
+    """A fresh Keras optimizer with an explicit learning rate and Keras's defaults for the rest.
+
+    The rate is always passed because Keras 3 changed several default rates since the
+    thesis's Keras 2.1 (Adadelta 1.0 -> 0.001, for example).
+    """
+    if name not in OPTIMIZERS:
+        raise ConfigError(f"unknown optimizer {name!r}; known optimizers: {', '.join(OPTIMIZERS)}")
+    learning_rate = float(learning_rate)
+    if not (math.isfinite(learning_rate) and learning_rate >= 0):
+        raise ConfigError(f"learning rate must be a finite number >= 0, got {learning_rate}")
+    return getattr(keras.optimizers, name)(learning_rate=learning_rate)
+
+
+def _param(params: dict, dotted: str):
+    """params["a"]["b"] for "a.b"; ConfigError naming the key when it is missing."""
+    value = params
+    for key in dotted.split("."):
+        if not isinstance(value, dict) or key not in value:
+            raise ConfigError(f"parameter {dotted} is missing")
+        value = value[key]
+    return value
+
+
+@dataclass(frozen=True)
+class TrainingSettings:
+    """What every run of an experiment shares; the defaults are the thesis's values."""
+
+    image_size: int = 299
+    batch_size: int = 16
+    block_epochs: int = 10
+    finetune_epochs: int = 50
+    early_stopping_patience: int = 5
+    nonconvergence: bool = True
+    nonconvergence_threshold: float = 0.5
+    nonconvergence_patience: int = 5
+    weights: str | None = "imagenet"
+    pooling: str = "max"
+    seed: int = 0
+    nonconvergence_monitor: str = "val_accuracy"
+    nonconvergence_mode: str = "auto"
+
+    @classmethod
+    def from_params(cls, params: dict) -> TrainingSettings:
+        """Read the settings from a loaded parameter file (see params.py)."""
+        return cls(
+            image_size=int(_param(params, "data.image_size")),
+            batch_size=int(_param(params, "data.batch_size")),
+            block_epochs=int(_param(params, "training.block_epochs")),
+            finetune_epochs=int(_param(params, "training.finetune_epochs")),
+            early_stopping_patience=int(_param(params, "training.early_stopping_patience")),
+            nonconvergence=bool(_param(params, "training.nonconvergence.enabled")),
+            nonconvergence_threshold=float(_param(params, "training.nonconvergence.threshold")),
+            nonconvergence_patience=int(_param(params, "training.nonconvergence.patience")),
+            weights=_param(params, "weights"),
+            pooling=str(_param(params, "pooling")),
+            seed=int(_param(params, "seed")),
+            nonconvergence_monitor=str(_param(params, "training.nonconvergence.monitor")),
+            nonconvergence_mode=str(_param(params, "training.nonconvergence").get("mode", "auto")),
+        )
+
+
+@dataclass
+class RunResult:
+    """The outcome of one run, as the trial store records it."""
+
+    phase: str
+    val_accuracy: float
+    val_loss: float
+    best_epoch: int
+    epochs: int
+    stopped_by: str
+    seconds: float
+    weights_path: str
+    history: list[dict] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _rows(frame: pd.DataFrame, split: str) -> pd.DataFrame:
+    rows = frame[frame["split"] == split]
+    if rows.empty:
+        raise DataError(f"the split manifest has no {split!r} rows")
+    return rows
+
+
+def _free_keras() -> None:
+    """Drop the graphs and models Keras keeps globally, so that the next run starts clean."""
+    keras.backend.clear_session()
+    gc.collect()
+
+
+def _datasets(
+    backbone: str, frame: pd.DataFrame, class_names: list[str], settings: TrainingSettings
+) -> tuple[tf.data.Dataset, tf.data.Dataset]:
+    """The training (shuffled, flipped) and validation pipelines of the manifest's train and val rows."""
+    preprocess = get_backbone(backbone).preprocess_input
+    size, batch, seed = settings.image_size, settings.batch_size, settings.seed
+    train = data.make_dataset(_rows(frame, "train"), class_names, size, batch, preprocess, True, seed)
+    val = data.make_dataset(_rows(frame, "val"), class_names, size, batch, preprocess, False, seed)
+    return train, val
+
+
+def _fit(
+    phase: str,
+    model: keras.Model,
+    optimizer: str,
+    learning_rate: float,
+    epochs: int,
+    datasets: tuple[tf.data.Dataset, tf.data.Dataset],
+    run_dir: str | os.PathLike,
+    settings: TrainingSettings,
+    started: float,
+) -> RunResult:
+    """Compile and fit `model` with the run's callbacks; summarize the history."""
+    if epochs < 1:
+        raise ConfigError(f"{phase} epochs must be at least 1, got {epochs}")
+    model.compile(optimizer=make_optimizer(optimizer, learning_rate), loss=LOSS, metrics=["accuracy"])
+    phase_dir = Path(run_dir) / phase
+    callbacks = run_callbacks(phase_dir, Path(run_dir) / "tensorboard" / phase, settings)
+    train, val = datasets
+    fitted = model.fit(
+        train,
+        validation_data=val,
+        epochs=epochs,
+        callbacks=[*callbacks, keras.callbacks.TerminateOnNaN()],
+        shuffle=False,  # the training dataset shuffles itself (seeded); Keras cannot shuffle a tf.data pipeline
+        verbose=0,
+    )
+    history = [
+        {"epoch": epoch, **{name: float(values[epoch]) for name, values in fitted.history.items()}}
+        for epoch in fitted.epoch
+    ]
+    for row in history:
+        if not math.isfinite(row["loss"]):
+            kind = "NaN" if math.isnan(row["loss"]) else "infinite"
+            raise TrainingError(f"loss became {kind} at epoch {row['epoch']} ({phase}, {optimizer}, rate {learning_rate})")
+    best = int(np.argmax([row["val_accuracy"] for row in history]))
+    filters = [callback for callback in callbacks if isinstance(callback, NonconvergenceFiltering)]
+    if filters and filters[0].stopped:
+        stopped_by = "nonconvergence"
+    elif len(history) < epochs:
+        stopped_by = "early_stopping"
+    else:
+        stopped_by = "completed"
+    return RunResult(
+        phase=phase,
+        val_accuracy=history[best]["val_accuracy"],
+        val_loss=history[best]["val_loss"],
+        best_epoch=best,
+        epochs=len(history),
+        stopped_by=stopped_by,
+        seconds=time.perf_counter() - started,
+        weights_path=str(phase_dir / BEST_WEIGHTS_FILE),
+        history=history,
+    )
+
+
+def train_block(
+    backbone: str,
+    optimizer: str,
+    learning_rate: float,
+    frame: pd.DataFrame,
+    class_names: list[str],
+    run_dir: str | os.PathLike,
+    settings: TrainingSettings,
+) -> RunResult:
+    """Train the classification block on the frozen backbone for at most `block_epochs`.
+
+    `frame` is the split manifest (its train rows fit, its val rows validate). The best
+    weights by validation accuracy are the whole model's, so that fine-tuning starts from them.
+    """
+    keras.utils.set_random_seed(settings.seed)
+    started = time.perf_counter()
+    try:
+        datasets = _datasets(backbone, frame, class_names, settings)
+        model, base = build_transfer_model(
+            backbone, len(class_names), settings.image_size, settings.weights, settings.pooling
+        )
+        base.trainable = False
+        return _fit("block", model, optimizer, learning_rate, settings.block_epochs, datasets, run_dir, settings, started)
+    finally:
+        _free_keras()
+
+
+def _load_model(
+    backbone: str, weights_path: str | os.PathLike, num_classes: int, settings: TrainingSettings
+) -> tuple[keras.Model, keras.Model]:
+    """The transfer model with a run's saved weights (random initialisation first: they replace it)."""
+    if not Path(weights_path).is_file():
+        raise TrainingError(f"weights file not found: {weights_path}")
+    model, base = build_transfer_model(backbone, num_classes, settings.image_size, None, settings.pooling)
+    model.load_weights(weights_path)
+    return model, base
+
+
+def fine_tune(
+    backbone: str,
+    optimizer: str,
+    learning_rate: float,
+    delimiting_layer: int,
+    block_weights: str | os.PathLike,
+    frame: pd.DataFrame,
+    class_names: list[str],
+    run_dir: str | os.PathLike,
+    settings: TrainingSettings,
+) -> RunResult:
+    """Fine-tune from the classification block's best weights for at most `finetune_epochs`.
+
+    Backbone layers before `delimiting_layer` stay frozen; that layer and every later
+    one train, with the fine-tuning optimizer and learning rate.
+    """
+    keras.utils.set_random_seed(settings.seed)
+    started = time.perf_counter()
+    try:
+        datasets = _datasets(backbone, frame, class_names, settings)
+        model, base = _load_model(backbone, block_weights, len(class_names), settings)
+        set_delimiting_layer(base, delimiting_layer)
+        return _fit(
+            "finetune", model, optimizer, learning_rate, settings.finetune_epochs, datasets, run_dir, settings, started
+        )
+    finally:
+        _free_keras()
+
+
+def predict(
+    backbone: str,
+    weights_path: str | os.PathLike,
+    frame: pd.DataFrame,
+    class_names: list[str],
+    settings: TrainingSettings,
+) -> np.ndarray:
+    """Predicted class indices for every row of `frame`, in its order (no augmentation)."""
+    keras.utils.set_random_seed(settings.seed)
+    try:
+        model, _ = _load_model(backbone, weights_path, len(class_names), settings)
+        preprocess = get_backbone(backbone).preprocess_input
+        images = data.make_dataset(
+            frame, class_names, settings.image_size, settings.batch_size, preprocess, False, settings.seed
+        )
+        return np.argmax(model.predict(images, verbose=0), axis=1)
+    finally:
+        _free_keras()

@@ -1,0 +1,63 @@
+"""A fake trainer: the `training` module's interface with a known, cheap score.
+
+Strategy and optimizer tests inject it to check what reaches which phase and
+how the BO loop behaves, without training a network.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass
+class FakeResult:
+    val_accuracy: float
+    val_loss: float
+    weights_path: str
+    phase: str
+    best_epoch: int = 0
+    epochs: int = 3
+    stopped_by: str = "completed"
+    seconds: float = 0.01
+
+
+def peaked_score(backbone: str, optimizer: str, learning_rate: float, layer: int = 0) -> float:
+    """Best at VGG16 + Adam + rate 1e-2; a narrow smooth peak in log10(rate)."""
+    value = 0.15 * (backbone == "VGG16") + 0.15 * (optimizer == "Adam")
+    value += 0.65 * math.exp(-((math.log10(learning_rate) + 2.0) ** 2) / 0.1)
+    return value + 0.0001 * layer
+
+
+@dataclass
+class FakeTrainer:
+    """Records every call; `fail_when(call)` makes a phase raise like a crashed run."""
+
+    calls: list = field(default_factory=list)
+    fail_when: object = None
+    score: object = peaked_score
+
+    def _maybe_fail(self, call: dict) -> None:
+        if self.fail_when is not None and self.fail_when(call):
+            raise FloatingPointError("loss became NaN")
+
+    def train_block(self, backbone, optimizer, learning_rate, frame, class_names, run_dir, settings):
+        call = dict(phase="block", backbone=backbone, optimizer=optimizer, learning_rate=learning_rate,
+                    run_dir=Path(run_dir))
+        self.calls.append(call)
+        self._maybe_fail(call)
+        path = Path(run_dir) / "block" / "best.weights.h5"
+        accuracy = self.score(backbone, optimizer, learning_rate)
+        return FakeResult(accuracy, 1 - accuracy, str(path), "block")
+
+    def fine_tune(self, backbone, optimizer, learning_rate, delimiting_layer, block_weights,
+                  frame, class_names, run_dir, settings):
+        call = dict(phase="finetune", backbone=backbone, optimizer=optimizer,
+                    learning_rate=learning_rate, delimiting_layer=delimiting_layer,
+                    block_weights=block_weights, run_dir=Path(run_dir))
+        self.calls.append(call)
+        self._maybe_fail(call)
+        path = Path(run_dir) / "finetune" / "best.weights.h5"
+        accuracy = self.score(backbone, optimizer, learning_rate, delimiting_layer)
+        return FakeResult(accuracy, 1 - accuracy, str(path), "finetune")

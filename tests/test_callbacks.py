@@ -1,0 +1,146 @@
+"""Nonconvergence filtering (SPEC.md section 2) and the per-run callback list."""
+
+import keras
+import numpy as np
+import pandas as pd
+import pytest
+
+from tlopt.callbacks import NonconvergenceFiltering, run_callbacks
+from tlopt.errors import ConfigError
+from tlopt.training import TrainingSettings
+
+
+@pytest.fixture(autouse=True)
+def _free_keras():
+    yield
+    keras.backend.clear_session()
+
+
+def _tiny_model() -> keras.Model:
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2, activation="softmax")])
+    model.compile(optimizer="sgd", loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    return model
+
+
+def _tiny_data():
+    rng = np.random.default_rng(0)
+    return rng.normal(size=(16, 4)).astype("float32"), rng.integers(0, 2, 16)
+
+
+def _fit(callbacks, epochs=20, scores=None, name="score"):
+    """A real fit of a tiny model; `scores[epoch]` is logged as `name` before the other callbacks run."""
+    x, y = _tiny_data()
+    model = _tiny_model()
+    if scores is not None:
+        inject = keras.callbacks.LambdaCallback(on_epoch_end=lambda epoch, logs: logs.update({name: scores[epoch]}))
+        callbacks = [inject, *callbacks]
+    history = model.fit(x, y, validation_data=(x, y), epochs=epochs, batch_size=8, callbacks=callbacks, verbose=0)
+    return history
+
+
+def test_always_below_threshold_stops_at_the_end_of_epoch_index_patience():
+    # val_accuracy is at most 1, so a threshold above 1 is never reached.
+    callback = NonconvergenceFiltering(threshold=1.01, patience=5)
+    history = _fit([callback])
+    assert history.epoch == [0, 1, 2, 3, 4, 5]
+    assert callback.stopped and callback.stopped_epoch == 5
+
+
+@pytest.mark.parametrize("patience", [0, 1, 3])
+def test_stopping_epoch_follows_patience(patience):
+    callback = NonconvergenceFiltering(threshold=1.01, patience=patience)
+    assert len(_fit([callback]).epoch) == patience + 1
+    assert callback.stopped_epoch == patience
+
+
+def test_always_above_threshold_never_stops():
+    callback = NonconvergenceFiltering(threshold=0.0, patience=0)
+    assert len(_fit([callback], epochs=8).epoch) == 8
+    assert not callback.stopped and callback.stopped_epoch is None
+
+
+def test_value_at_or_above_threshold_resets_the_counter():
+    # Below, below, at the threshold (reset), then below from epoch 3: the counter reaches 2 at
+    # epoch 4, so epoch 5 stops.
+    scores = [0.1, 0.1, 0.5, 0.1, 0.1, 0.1, 0.1, 0.1]
+    callback = NonconvergenceFiltering(monitor="score", threshold=0.5, patience=2)
+    history = _fit([callback], epochs=len(scores), scores=scores)
+    assert history.epoch == [0, 1, 2, 3, 4, 5]
+    assert callback.stopped_epoch == 5
+
+
+def test_loss_like_monitor_flips_the_comparison():
+    # mode auto + "loss" in the name: above the threshold is bad; 0.2 resets the counter.
+    scores = [0.9, 0.2, 0.9, 0.9, 0.9, 0.9]
+    callback = NonconvergenceFiltering(monitor="score_loss", threshold=0.5, patience=1)
+    assert callback.mode == "min"
+    _fit([callback], epochs=len(scores), scores=scores, name="score_loss")
+    assert callback.stopped_epoch == 3
+
+
+def test_explicit_mode_overrides_the_monitor_name():
+    assert NonconvergenceFiltering(monitor="val_loss", mode="max").mode == "max"
+    assert NonconvergenceFiltering(monitor="val_accuracy").mode == "max"
+    assert NonconvergenceFiltering(monitor="val_loss").mode == "min"
+    with pytest.raises(ConfigError, match="mode"):
+        NonconvergenceFiltering(mode="lower")
+
+
+def test_counter_sequence_fed_directly():
+    callback = NonconvergenceFiltering(threshold=0.5, patience=2)
+    callback.set_model(_tiny_model())
+    callback.on_train_begin()
+    counters = []
+    for epoch, value in enumerate([0.4, 0.4, 0.6, 0.4, 0.49, 0.7, 0.4, float("nan"), 0.1]):
+        callback.on_epoch_end(epoch, {"val_accuracy": value})
+        counters.append(callback.wait)
+        if callback.stopped:
+            break
+    assert counters == [1, 2, 0, 1, 2, 0, 1, 2, 2]
+    assert callback.stopped_epoch == 8 and callback.model.stop_training
+
+
+def test_a_new_fit_starts_from_a_fresh_counter():
+    callback = NonconvergenceFiltering(threshold=1.01, patience=1)
+    _fit([callback])
+    assert _fit([callback]).epoch == [0, 1]
+
+
+def test_missing_monitor_is_a_config_error_naming_it():
+    with pytest.raises(ConfigError, match="val_acc'"):
+        _fit([NonconvergenceFiltering(monitor="val_acc")], epochs=2)
+
+
+def _by_type(callbacks):
+    return {type(callback).__name__: callback for callback in callbacks}
+
+
+def test_run_callbacks_are_the_thesis_list(tmp_path):
+    settings = TrainingSettings(early_stopping_patience=4, nonconvergence_threshold=0.3, nonconvergence_patience=2)
+    callbacks = _by_type(run_callbacks(tmp_path / "block", tmp_path / "tensorboard" / "block", settings))
+    assert set(callbacks) == {"CSVLogger", "ModelCheckpoint", "TensorBoard", "EarlyStopping", "NonconvergenceFiltering"}
+    checkpoint = callbacks["ModelCheckpoint"]
+    assert checkpoint.filepath == str(tmp_path / "block" / "best.weights.h5")
+    assert (checkpoint.monitor, checkpoint.mode) == ("val_accuracy", "max")
+    assert checkpoint.save_best_only and checkpoint.save_weights_only
+    stopping = callbacks["EarlyStopping"]
+    assert (stopping.monitor, stopping.mode, stopping.patience) == ("val_accuracy", "max", 4)
+    filtering = callbacks["NonconvergenceFiltering"]
+    assert (filtering.monitor, filtering.threshold, filtering.patience) == ("val_accuracy", 0.3, 2)
+
+
+def test_nonconvergence_filtering_can_be_switched_off(tmp_path):
+    callbacks = run_callbacks(tmp_path, tmp_path / "tb", TrainingSettings(nonconvergence=False))
+    assert "NonconvergenceFiltering" not in _by_type(callbacks)
+
+
+def test_run_callbacks_write_history_best_weights_and_tensorboard(tmp_path):
+    phase_dir, tensorboard_dir = tmp_path / "block", tmp_path / "tensorboard" / "block"
+    callbacks = run_callbacks(phase_dir, tensorboard_dir, TrainingSettings(early_stopping_patience=50))
+    _fit(callbacks, epochs=3)
+    history = pd.read_csv(phase_dir / "history.csv")
+    assert list(history["epoch"]) == [0, 1, 2]
+    assert {"loss", "accuracy", "val_loss", "val_accuracy"} <= set(history.columns)
+    assert (phase_dir / "best.weights.h5").is_file()
+    assert list(tensorboard_dir.glob("validation/events.out.tfevents.*"))
