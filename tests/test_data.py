@@ -253,10 +253,20 @@ def test_grouped_split_with_a_test_fraction(tmp_path):
     assert (result.groupby("label")["split"].agg(set) == {"train", "val", "test"}).all()
 
 
-def test_grouped_split_rejects_a_class_with_too_few_groups(tmp_path):
+def test_grouped_split_rejects_a_class_with_a_single_group(tmp_path):
+    frame = _nerthus_tree(tmp_path, {"0": [1], "1": [2, 3, 4]})
+    with pytest.raises(DataError, match="class '0' has 1 group\\(s\\)"):
+        data.split(frame, val_fraction=0.3, group_pattern=NERTHUS_PATTERN)
+
+
+def test_grouped_nerthus_split_with_test_leaves_two_video_class_out_of_test(tmp_path):
     frame = _nerthus_tree(tmp_path, NERTHUS_VIDEOS)
-    with pytest.raises(DataError, match="class '0' has 2 group\\(s\\)"):
-        data.split(frame, val_fraction=0.3, test_fraction=0.1, group_pattern=NERTHUS_PATTERN)
+    with pytest.warns(UserWarning, match="class '0' has only 2 groups"):
+        result = data.split(frame, val_fraction=0.3, test_fraction=0.15, group_pattern=NERTHUS_PATTERN)
+    sides = result.groupby("label")["split"].agg(set)
+    assert sides["0"] == {"train", "val"}
+    assert all(sides[label] == {"train", "val", "test"} for label in ("1", "2", "3"))
+    assert (result.groupby("group")["split"].nunique() == 1).all()
 
 
 def test_grouped_split_names_a_file_that_does_not_match(tmp_path):

@@ -216,6 +216,34 @@ def test_resume_after_a_kill_matches_an_uninterrupted_run(tmp_path, kill_at):
     assert again.calls == [] and len(store.TrialStore(run_dir).records()) == 14
 
 
+def test_per_backbone_mode_runs_and_compares_each_backbone(tmp_path, run_dir):
+    params = make_params(tmp_path, per_backbone=True, initial_points=2, iterations=1)
+    params["backbones"] = ["VGG16", "ResNet50"]
+    overall = optimize.run_strategy(params, "shared", trainer=FakeTrainer(), progress=False)
+    records = store.TrialStore(run_dir).records()
+    assert {r["strategy"] for r in records} == {"shared@VGG16", "shared@ResNet50"}
+    for label, backbone in (("shared@VGG16", "VGG16"), ("shared@ResNet50", "ResNet50")):
+        assert {r["hyperparameters"]["backbone"] for r in records if r["strategy"] == label} == {backbone}
+        assert (run_dir / label / "best.json").is_file()
+    summary = json.loads((run_dir / "shared" / "best.json").read_text())
+    assert set(summary["per_backbone"]) == {"shared@VGG16", "shared@ResNet50"}
+    assert summary["model"]["id"] == overall["id"] == optimize.best_record(records)["id"]
+    final = optimize.run_layer_optimization(params, "shared", trainer=FakeTrainer(), progress=False)
+    layer_records = [r for r in store.TrialStore(run_dir).records() if r["step"] == "layers"]
+    assert {r["strategy"] for r in layer_records} == {"shared@VGG16", "shared@ResNet50"}
+    assert final["id"] == optimize.best_record(layer_records)["id"]
+    assert json.loads((run_dir / "shared" / "best.json").read_text())["final"]["id"] == final["id"]
+
+
+def test_run_folder_records_parameters_and_versions(tmp_path, run_dir):
+    params = make_params(tmp_path)
+    optimize.run_strategy(params, "shared", trainer=FakeTrainer(), progress=False)
+    assert store.load_run_params(run_dir) == params
+    versions = json.loads((run_dir / "environment.json").read_text())
+    assert versions["gpyopt"] == "1.2.6" and versions["keras"].startswith("3.")
+    assert "tensorflow-cpu" in versions or "tensorflow" in versions
+
+
 def test_resume_refuses_other_parameters(tmp_path, run_dir):
     params = make_params(tmp_path)
     optimize.run_strategy(params, "shared", trainer=FakeTrainer(), progress=False)

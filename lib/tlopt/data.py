@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import re
 import tempfile
+import warnings
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -194,13 +195,21 @@ def _split_groups(frame: pd.DataFrame, val_fraction: float, test_fraction: float
     assignment: dict[str, str] = {}
     for label in sorted(group_labels.unique()):
         sizes = group_sizes[group_labels.index[group_labels == label]]
-        if len(sizes) < len(fractions):
+        class_fractions = fractions
+        if len(sizes) < 2:
             raise DataError(
                 f"class {label!r} has {len(sizes)} group(s) ({len(frame[frame['label'] == label])} images): "
-                f"too few for a {'/'.join(fractions)} split that keeps groups whole "
-                f"(needs at least {len(fractions)})"
+                f"too few for a train/val split that keeps groups whole (needs at least 2)"
             )
-        targets = {name: fraction * sizes.sum() for name, fraction in fractions.items()}
+        if len(sizes) < len(fractions):
+            # Nerthus's class 0 has two videos: one trains, one validates, none is left to test.
+            warnings.warn(
+                f"class {label!r} has only {len(sizes)} groups: it gets one in train and one in val "
+                f"and none in test",
+                stacklevel=3,
+            )
+            class_fractions = {name: f for name, f in fractions.items() if name != "test"}
+        targets = {name: fraction * sizes.sum() for name, fraction in class_fractions.items()}
         assignment |= _assign_groups(sizes, targets, rng)
     return frame["group"].map(assignment)
 

@@ -258,7 +258,11 @@ def _progress(total: int, done: int, description: str):
 
 def run_step(ctx: Context, run_dir: Path, strategy: str, step: str, space: SearchSpace,
              objective: Objective, progress: bool = True) -> dict:
-    """Run (or resume, or skip when finished) one BO step; return its best trial record."""
+    """Run (or resume, or skip when finished) one BO step; return its best trial record.
+
+    `strategy` is the label the step is stored under: the strategy's name, or
+    `strategy@Backbone` in per-backbone mode.
+    """
     bo = ctx.params["bo"]
     trial_store = store.TrialStore(run_dir)
     step_dir = run_dir / strategy / step
@@ -350,10 +354,25 @@ def make_context(params: dict, run_dir: Path, trainer: ModuleType | Any | None =
     )
 
 
-def _update_best(run_dir: Path, strategy: str, **entries: dict) -> None:
-    path = run_dir / strategy / BEST_FILE
-    current = store.read_json(path) if path.is_file() else {"strategy": strategy}
-    store.atomic_write_json(path, {**current, **entries})
+def _update_best(run_dir: Path, label: str, **entries: Any) -> dict:
+    path = run_dir / label / BEST_FILE
+    current = store.read_json(path) if path.is_file() else {"strategy": label}
+    updated = {**current, **entries}
+    store.atomic_write_json(path, updated)
+    return updated
+
+
+def strategy_runs(params: dict, strategy: str) -> list[tuple[str, dict]]:
+    """(label, parameters) of each run of a strategy: itself, or one run per backbone.
+
+    Per-backbone mode (`bo.per_backbone`, the thesis's own recommendation)
+    runs the strategy and its layer optimization separately for every
+    backbone, labelled `strategy@Backbone`, so that no backbone loses only
+    because the default delimiting layer suits it badly.
+    """
+    if not params["bo"]["per_backbone"] or len(params["backbones"]) == 1:
+        return [(strategy, params)]
+    return [(f"{strategy}@{name}", {**params, "backbones": [name]}) for name in params["backbones"]]
 
 
 def run_strategy(params: dict, strategy: str, run_dir: Path | None = None,
@@ -363,31 +382,42 @@ def run_strategy(params: dict, strategy: str, run_dir: Path | None = None,
         raise TloptError(f"unknown strategy '{strategy}' (known: {', '.join(STEPS)})")
     run_dir = store.open_run(params, run_dir)
     ctx = make_context(params, run_dir, trainer)
-    best: dict | None = None
-    steps: dict[str, dict] = {}
-    for step in STEPS[strategy]:
-        space = build_space(params, strategy, step)
-        objective = objective_for(ctx, strategy, step, best["setup"] if best else None)
-        best = run_step(ctx, run_dir, strategy, step, space, objective, progress)
-        steps[step] = best
-    _update_best(run_dir, strategy, steps=steps, model=best)
-    return best
+    winners = {}
+    for label, run_params in strategy_runs(params, strategy):
+        best: dict | None = None
+        steps: dict[str, dict] = {}
+        for step in STEPS[strategy]:
+            space = build_space(run_params, strategy, step)
+            objective = objective_for(ctx, strategy, step, best["setup"] if best else None)
+            best = run_step(ctx, run_dir, label, step, space, objective, progress)
+            steps[step] = best
+        _update_best(run_dir, label, steps=steps, model=best)
+        winners[label] = best
+    overall = best_record(list(winners.values()))
+    if len(winners) > 1:
+        _update_best(run_dir, strategy, per_backbone={k: v["id"] for k, v in winners.items()}, model=overall)
+    return overall
 
 
 def run_layer_optimization(params: dict, strategy: str, run_dir: Path | None = None,
                            trainer: ModuleType | Any | None = None, progress: bool = True) -> dict:
     """BO over the delimiting layer alone, from the best trial of `strategy`; its final model."""
     run_dir = store.open_run(params, run_dir)
-    best_file = run_dir / strategy / BEST_FILE
-    if not best_file.is_file():
-        raise TloptError(f"{best_file} is missing: run strategy '{strategy}' before its layer optimization")
-    best = store.read_json(best_file)["model"]
     ctx = make_context(params, run_dir, trainer)
-    space = build_space(params, strategy, LAYER_STEP, backbones.layer_count(best["setup"]["backbone"]))
-    objective = objective_for(ctx, strategy, LAYER_STEP, best["setup"])
-    final = run_step(ctx, run_dir, strategy, LAYER_STEP, space, objective, progress)
-    _update_best(run_dir, strategy, final=final)
-    return final
+    finals = {}
+    for label, run_params in strategy_runs(params, strategy):
+        best_file = run_dir / label / BEST_FILE
+        if not best_file.is_file():
+            raise TloptError(f"{best_file} is missing: run strategy '{strategy}' before its layer optimization")
+        best = store.read_json(best_file)["model"]
+        space = build_space(run_params, strategy, LAYER_STEP, backbones.layer_count(best["setup"]["backbone"]))
+        objective = objective_for(ctx, strategy, LAYER_STEP, best["setup"])
+        finals[label] = run_step(ctx, run_dir, label, LAYER_STEP, space, objective, progress)
+        _update_best(run_dir, label, final=finals[label])
+    overall = best_record(list(finals.values()))
+    if len(finals) > 1:
+        _update_best(run_dir, strategy, final=overall)
+    return overall
 
 
 def read_trials(run_dir: str | Path):

@@ -98,6 +98,7 @@ class BayesianOptimization(_Section):
     eps: float = Field(1e-8, ge=0)
     acquisition: Literal["EI", "MPI", "LCB"] = "EI"
     encoding: Literal["categorical", "index"] = "categorical"
+    per_backbone: bool = False
     max_consecutive_failures: int = Field(3, ge=1)
 
 

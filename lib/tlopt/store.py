@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import tempfile
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +25,8 @@ from tlopt.errors import ConfigError
 TRIALS_FILE = "trials.jsonl"
 PARAMS_FILE = "params.yaml"
 SPLIT_FILE = "split.csv"
+ENVIRONMENT_FILE = "environment.json"
+RECORDED_PACKAGES = ("tensorflow", "tensorflow-cpu", "keras", "gpyopt", "gpy", "numpy", "scikit-learn", "tlopt")
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> Path:
@@ -63,6 +67,17 @@ def read_json(path: Path) -> Any:
     return json.loads(Path(path).read_text())
 
 
+def environment() -> dict[str, str]:
+    """Versions that decide a run's numbers, written beside its parameters for the report."""
+    found = {"python": platform.python_version(), "platform": platform.platform()}
+    for package in RECORDED_PACKAGES:
+        try:
+            found[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            continue
+    return found
+
+
 def run_dir_for(params: dict) -> Path:
     return Path(params["results_dir"]) / params["run_name"]
 
@@ -86,7 +101,7 @@ def open_run(params: dict, run_dir: Path | None = None) -> Path:
     run_dir = Path(run_dir) if run_dir is not None else run_dir_for(params)
     stored = run_dir / PARAMS_FILE
     if stored.is_file():
-        difference = _first_difference(yaml.safe_load(stored.read_text()), params)
+        difference = _first_difference(load_run_params(run_dir), params)
         if difference:
             raise ConfigError(
                 f"{stored}: the parameters differ from the ones this run started with "
@@ -94,7 +109,13 @@ def open_run(params: dict, run_dir: Path | None = None) -> Path:
             )
     else:
         atomic_write_text(stored, yaml.safe_dump(params, sort_keys=False))
+        atomic_write_json(run_dir / ENVIRONMENT_FILE, environment())
     return run_dir
+
+
+def load_run_params(run_dir: Path) -> dict:
+    """The resolved parameters a run started with."""
+    return yaml.safe_load((Path(run_dir) / PARAMS_FILE).read_text())
 
 
 class TrialStore:
