@@ -171,7 +171,9 @@ def offline(monkeypatch):
         ("MobileNetV3Small", 64, "weights_mobilenet_v3_small_224_1.0_float_no_top_v2.h5"),
     ],
 )
-def test_offline_imagenet_weights_name_the_file_and_the_keras_cache(offline, monkeypatch, tmp_path, name, size, file_name):
+def test_offline_imagenet_weights_name_the_file_and_the_keras_cache(
+    offline, monkeypatch, tmp_path, name, size, file_name
+):
     if (backbones._keras_models_dir() / file_name).exists():
         pytest.skip(f"{file_name} is in the Keras cache: nothing to download")
     monkeypatch.setenv("KERAS_HOME", str(tmp_path))

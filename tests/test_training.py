@@ -96,7 +96,8 @@ def test_settings_from_params():
 
 def test_settings_defaults_are_the_thesis_values():
     settings = TrainingSettings()
-    assert (settings.image_size, settings.batch_size, settings.block_epochs, settings.finetune_epochs) == (299, 16, 10, 50)
+    assert (settings.image_size, settings.batch_size) == (299, 16)
+    assert (settings.block_epochs, settings.finetune_epochs) == (10, 50)
     assert (settings.early_stopping_patience, settings.nonconvergence_patience) == (5, 5)
     assert (settings.weights, settings.pooling, settings.nonconvergence_threshold) == ("imagenet", "max", 0.5)
 
@@ -145,14 +146,14 @@ def test_block_run_writes_its_files_and_summarizes_its_history(block):
 def test_fine_tuning_learns_well_above_chance(block, manifest):
     frame, names = manifest
     run_dir, block_result = block
-    delimiting = 11  # block4 and block5 train
+    delimiting = 4  # block1 stays frozen; block2 to block5 train
     result = fine_tune(BACKBONE, "Adam", 1e-4, delimiting, block_result.weights_path, frame, names, run_dir, SETTINGS)
     assert result.phase == "finetune"
     assert (run_dir / "finetune" / "best.weights.h5").is_file()
     assert (run_dir / "finetune" / "history.csv").is_file()
     assert list(run_dir.glob("tensorboard/finetune/validation/events.out.tfevents.*"))
-    # Deterministic for the seed (0.61 here); chance is 0.25.
-    assert result.val_accuracy >= 0.45
+    # Deterministic for the seed (0.69 on the demo data of this writing); chance is 0.25.
+    assert result.val_accuracy >= 0.5
     assert result.val_accuracy > block_result.val_accuracy
 
 

@@ -17,7 +17,6 @@ the same scaling, and no backbone needs a special case.
 from __future__ import annotations
 
 import functools
-import gc
 import math
 import os
 import re
@@ -77,7 +76,7 @@ BACKBONES: dict[str, Backbone] = {
         _backbone("MobileNetV2", _APPS.mobilenet_v2),
         _backbone("MobileNetV3Small", _APPS.mobilenet_v3),
         _backbone("MobileNetV3Large", _APPS.mobilenet_v3),
-        # Without squeeze-excite and hard-swish: traces about 40 % faster, has ImageNet weights.
+        # Without squeeze-excite and hard-swish: quicker to trace on a CPU; has ImageNet weights too.
         _backbone(
             "MobileNetV3SmallMinimalistic",
             _APPS.mobilenet_v3,
@@ -105,11 +104,7 @@ def layer_count(name: str) -> int:
     """
     backbone = get_backbone(name)
     size = backbone.min_input_size
-    base = backbone.constructor(include_top=False, weights=None, input_shape=(size, size, 3))
-    count = len(base.layers)
-    del base
-    gc.collect()
-    return count
+    return len(backbone.constructor(include_top=False, weights=None, input_shape=(size, size, 3)).layers)
 
 
 def default_delimiting_layer(n_layers: int, fraction: float = 2 / 3) -> int:
@@ -174,6 +169,11 @@ def build_transfer_model(
     there when offline), a local weights file of the base without its top, or None for
     random weights. `pooling`: "max" (the thesis) or "avg". The head's layers are named
     "pool" and "predictions".
+
+    Frozen BatchNormalization layers run in inference mode (Keras 3, unlike the thesis's
+    Keras 2.1). With random weights, the batch-normalised backbones (MobileNet,
+    EfficientNet, ...) then give near-zero features to the classification block; VGG16
+    has no BatchNormalization and learns the demo data even with random weights.
     """
     backbone = get_backbone(name)
     if image_size < backbone.min_input_size:

@@ -44,6 +44,7 @@ class Data(_Section):
     test_fraction: float = Field(0.0, ge=0, lt=1)
     group_pattern: str | None = None
     on_bad_image: Literal["skip", "error"] = "skip"
+    image_cache: bool = True
     demo: DemoData | None = None
 
     @model_validator(mode="after")
@@ -89,6 +90,9 @@ class Training(_Section):
     early_stopping_patience: int = Field(5, ge=1)
     nonconvergence: Nonconvergence = Nonconvergence()
     default_delimiting_fraction: float = Field(2 / 3, ge=0, le=1)
+    feature_cache: bool = True
+    mixed_precision: bool = False
+    jit_compile: bool = False
 
 
 class BayesianOptimization(_Section):

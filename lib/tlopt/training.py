@@ -172,7 +172,9 @@ def _fit(
     for row in history:
         if not math.isfinite(row["loss"]):
             kind = "NaN" if math.isnan(row["loss"]) else "infinite"
-            raise TrainingError(f"loss became {kind} at epoch {row['epoch']} ({phase}, {optimizer}, rate {learning_rate})")
+            raise TrainingError(
+                f"loss became {kind} at epoch {row['epoch']} ({phase}, {optimizer}, learning rate {learning_rate})"
+            )
     best = int(np.argmax([row["val_accuracy"] for row in history]))
     filters = [callback for callback in callbacks if isinstance(callback, NonconvergenceFiltering)]
     if filters and filters[0].stopped:
@@ -216,7 +218,9 @@ def train_block(
             backbone, len(class_names), settings.image_size, settings.weights, settings.pooling
         )
         base.trainable = False
-        return _fit("block", model, optimizer, learning_rate, settings.block_epochs, datasets, run_dir, settings, started)
+        return _fit(
+            "block", model, optimizer, learning_rate, settings.block_epochs, datasets, run_dir, settings, started
+        )
     finally:
         _free_keras()
 
