@@ -65,19 +65,22 @@ def _params() -> dict:
         "seed": 7,
         "weights": None,
         "pooling": "avg",
-        "data": {"image_size": 64, "batch_size": 8, "root": "data"},
+        "data": {"image_size": 64, "batch_size": 8, "root": "data", "image_cache": True},
         "training": {
             "block_epochs": 3,
             "finetune_epochs": 4,
             "early_stopping_patience": 2,
             "nonconvergence": {"enabled": False, "monitor": "val_loss", "threshold": 0.9, "patience": 1, "mode": "min"},
             "default_delimiting_fraction": 0.5,
+            "feature_cache": True,
+            "mixed_precision": True,
+            "jit_compile": False,
         },
     }
 
 
-def test_settings_from_params():
-    assert TrainingSettings.from_params(_params()) == TrainingSettings(
+def test_settings_from_params(tmp_path):
+    assert TrainingSettings.from_params(_params(), cache_dir=tmp_path / "cache") == TrainingSettings(
         image_size=64,
         batch_size=8,
         block_epochs=3,
@@ -91,7 +94,13 @@ def test_settings_from_params():
         seed=7,
         nonconvergence_monitor="val_loss",
         nonconvergence_mode="min",
+        image_cache=True,
+        feature_cache=True,
+        mixed_precision=True,
+        jit_compile=False,
+        cache_dir=str(tmp_path / "cache"),
     )
+    assert TrainingSettings.from_params(_params()).cache_dir is None
 
 
 def test_settings_defaults_are_the_thesis_values():
@@ -100,6 +109,9 @@ def test_settings_defaults_are_the_thesis_values():
     assert (settings.block_epochs, settings.finetune_epochs) == (10, 50)
     assert (settings.early_stopping_patience, settings.nonconvergence_patience) == (5, 5)
     assert (settings.weights, settings.pooling, settings.nonconvergence_threshold) == ("imagenet", "max", 0.5)
+    # The faithful path: decode every image in every epoch, run the frozen backbone in every epoch.
+    assert (settings.image_cache, settings.feature_cache, settings.cache_dir) == (False, False, None)
+    assert (settings.mixed_precision, settings.jit_compile) == (False, False)
 
 
 def test_settings_name_a_missing_parameter():
@@ -140,6 +152,15 @@ def test_block_run_writes_its_files_and_summarizes_its_history(block):
     assert result.seconds > 0
     assert result.val_accuracy > 0.25  # 4 balanced classes: chance is 0.25
     assert json.loads(json.dumps(result.to_dict()))["history"][0]["epoch"] == 0
+
+
+@pytest.mark.slow
+def test_a_run_repeated_gives_the_same_history(block, manifest, tmp_path):
+    """Seeded Keras and deterministic TensorFlow ops: identical runs give identical numbers on a CPU."""
+    frame, names = manifest
+    _, first = block
+    again = train_block(BACKBONE, "Adam", 0.01, frame, names, tmp_path, SETTINGS)
+    assert again.history == first.history
 
 
 @pytest.mark.slow

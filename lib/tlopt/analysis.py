@@ -29,12 +29,17 @@ def finished_strategies(run_dir: str | Path) -> list[str]:
     return [name for name in STRATEGY_NAMES if (Path(run_dir) / name / BEST_FILE).is_file()]
 
 
+def of_strategy(labels: pd.Series, strategy: str) -> pd.Series:
+    """Which trial labels belong to `strategy`: itself, or `strategy@Backbone` in per-backbone mode."""
+    return (labels == strategy) | labels.str.startswith(f"{strategy}@")
+
+
 def strategy_trials(run_dir: str | Path, strategy: str, steps: tuple[str, ...] | None = None) -> pd.DataFrame:
     """The finished trials of one strategy (optionally of some of its steps), in finishing order."""
     trials = store.read_trials(run_dir)
     if trials.empty:
         return trials
-    rows = trials[trials["strategy"] == strategy]
+    rows = trials[of_strategy(trials["strategy"], strategy)]
     if steps is not None:
         rows = rows[rows["step"].isin(steps)]
     return rows.reset_index(drop=True)
@@ -134,7 +139,7 @@ def strategy_summary(run_dir: str | Path) -> pd.DataFrame:
         best = store.read_json(run_dir / strategy / BEST_FILE)
         final = final_record(run_dir, strategy)
         setup = final["setup"]
-        own = trials[trials["strategy"] == strategy]
+        own = trials[of_strategy(trials["strategy"], strategy)]
         rows.append({
             "strategy": strategy,
             "backbone": setup["backbone"],

@@ -9,6 +9,7 @@ failed run resumes from the first notebook that did not finish.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import sys
@@ -41,14 +42,21 @@ class NotebookFailed(Exception):
 
 
 def plan(params: dict, strategies: list[str]) -> list[tuple[str, str, dict]]:
-    """(output name, source notebook, extra parameters) of every notebook of a run, in order."""
-    steps = [("00_data_split", "00_data_split", {})]
+    """(executed copy's name, source notebook, its own parameters) of every notebook of a run, in order.
+
+    Notebooks 00-04 show widgets and progress bars only when `interactive`; headless they
+    would end up in the report as widget state that needs a script from the internet.
+    """
+    headless = {"interactive": False}
+    steps = [("00_data_split", "00_data_split", headless)]
     for strategy in strategies:
         source, name = STRATEGY_NOTEBOOKS[strategy]
-        steps.append((name, source, {"strategy": strategy} if source == "01_shared_strategy" else {}))
+        extra = {"strategy": strategy} if source == "01_shared_strategy" else {}
+        steps.append((name, source, {**extra, **headless}))
     if params["layer_optimization"]["enabled"]:
         for strategy in strategies:
-            steps.append((f"04_layer_optimization-{strategy}", "04_layer_optimization", {"strategy": strategy}))
+            steps.append((f"04_layer_optimization-{strategy}", "04_layer_optimization",
+                          {"strategy": strategy, **headless}))
     steps.append(("05_analysis", "05_analysis", {}))
     return steps
 
@@ -95,6 +103,26 @@ def restrict_gpus(count: int) -> None:
     os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(devices[:count])
 
 
+@contextlib.contextmanager
+def native_stderr_silenced():
+    """Send what is written to file descriptor 2 to /dev/null for a while.
+
+    TensorFlow 2.21 writes INFO lines at import, before absl logging is initialised, when
+    TF_CPP_MIN_LOG_LEVEL does not hold them back; kernels started meanwhile inherit the
+    descriptor, so their own logs stay out too (what a notebook prints is in the notebook).
+    Without this they would bury the CLI's one-line messages. Python's errors still
+    surface: they are raised, and printed after the descriptor is restored.
+    """
+    saved = os.dup(2)
+    with open(os.devnull, "w") as devnull:
+        os.dup2(devnull.fileno(), 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 class TrialPrinter(threading.Thread):
     """Prints a line for every trial that a notebook finishes (a search runs for hours)."""
 
@@ -128,10 +156,11 @@ def execute(source: Path, output: Path, parameters: dict) -> None:
     from papermill.exceptions import PapermillExecutionError
 
     try:
-        papermill.execute_notebook(
-            str(source), str(output), parameters=parameters, kernel_name=KERNEL_NAME,
-            cwd=str(source.parent), progress_bar=False,
-        )
+        with native_stderr_silenced():
+            papermill.execute_notebook(
+                str(source), str(output), parameters=parameters, kernel_name=KERNEL_NAME,
+                cwd=str(source.parent), progress_bar=False,
+            )
     except PapermillExecutionError as error:
         message = " ".join(str(error.evalue).split())
         raise NotebookFailed(
@@ -142,6 +171,9 @@ def execute(source: Path, output: Path, parameters: dict) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    with native_stderr_silenced():
+        import tensorflow  # noqa: F401  (validating the parameters imports it; its start-up log stays out)
+
     overrides: dict = {}
     if args.no_nonconvergence_filter:
         overrides["training.nonconvergence.enabled"] = False
@@ -183,8 +215,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"[{number}/{len(notebooks)}] {name} ...", flush=True)
             output.parent.mkdir(parents=True, exist_ok=True)
             notebook_started = time.time()
-            parameters = {"params_file": str(run_dir / store.PARAMS_FILE), "run_dir": str(run_dir),
-                          "interactive": False, **extra}
+            parameters = {"params_file": str(run_dir / store.PARAMS_FILE), "run_dir": str(run_dir), **extra}
             execute(SOURCE_NOTEBOOKS / f"{source}.ipynb", output, parameters)
             printer.print_new()
             print(f"[{number}/{len(notebooks)}] {name} done in {time.time() - notebook_started:.0f} s", flush=True)

@@ -1,17 +1,22 @@
 """The dataset: discover a folder-per-class tree, check its images, split it, feed it to Keras.
 
 Labels are the class folder names (strings, also for Nerthus's `0`..`3`); a model sees
-integer indices into the sorted class names.
+integer indices into the sorted class names. Decoding and resizing an image costs far
+more than everything after it, so the decoded pixels can be cached on disk once per
+(set of images, image size) and read from there by every epoch and trial (`cache_images`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import tempfile
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -239,16 +244,8 @@ def write_manifest(frame: pd.DataFrame, path: str | os.PathLike) -> None:
     missing = [column for column in MANIFEST_COLUMNS if column not in frame.columns]
     if missing:
         raise DataError(f"cannot write manifest {path}: the frame lacks column(s) {', '.join(missing)}")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w", newline="") as stream:
-            frame[MANIFEST_COLUMNS].to_csv(stream, index=False)
-        os.replace(temporary, path)
-    except BaseException:
-        os.unlink(temporary)
-        raise
+    with atomic_path(path) as temporary:
+        frame[MANIFEST_COLUMNS].to_csv(temporary, index=False)
 
 
 def read_manifest(path: str | os.PathLike) -> pd.DataFrame:
@@ -268,44 +265,167 @@ def class_names(frame: pd.DataFrame) -> list[str]:
     return sorted(frame["label"].unique())
 
 
+def label_indices(frame: pd.DataFrame, class_names: list[str]) -> np.ndarray:
+    """The int32 class index of each row's label; DataError for a label outside `class_names`."""
+    indices = {name: index for index, name in enumerate(class_names)}
+    unknown = sorted(set(frame["label"]) - set(indices))
+    if unknown:
+        raise DataError(f"label(s) {', '.join(map(repr, unknown))} not among class_names {class_names}")
+    return frame["label"].map(indices).to_numpy(dtype=np.int32)
+
+
 def _load_image(path: tf.Tensor, image_size: int) -> tf.Tensor:
-    """Read, decode and resize one image to a float32 (size, size, 3) tensor of 0-255 values."""
+    """Read, decode and resize one image to a uint8 (size, size, 3) tensor.
+
+    Rounding the resized pixels to uint8 (as PIL-based loaders such as the thesis's Keras
+    ImageDataGenerator do) lets the decoded-image cache hold exactly what decoding gives.
+    """
     image = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
     image = tf.image.resize(image, (image_size, image_size), method="bilinear")
+    image = tf.saturate_cast(tf.round(image), tf.uint8)
     image.set_shape((image_size, image_size, 3))
     return image
 
 
-def _decoded_dataset(files: tf.data.Dataset, image_size: int) -> tf.data.Dataset:
-    """Turn (path, label) elements into (image, label) in the same order.
+@contextmanager
+def atomic_path(path: str | os.PathLike, suffix: str = ".tmp") -> Iterator[Path]:
+    """Yield a temporary file next to `path` that replaces `path` when the block succeeds.
 
-    The one place where files become pixels; everything after it (flips, preprocess) is
-    cheap. A decoded-image cache belongs here, keyed by file and image size: in training the
-    paths arrive already shuffled, so a tf.data `.cache()` of this stream would freeze the
-    first epoch's order (and shuffling decoded images instead would hold the dataset in memory).
+    A process killed mid-write leaves a hidden temporary file, never a half-written file
+    under the final name that a later run would take for complete. `suffix` keeps the
+    file type for writers that insist on one (Keras: `.weights.h5`).
     """
-    return files.map(
-        lambda path, label: (_load_image(path, image_size), label),
-        num_parallel_calls=tf.data.AUTOTUNE,
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
+    os.close(handle)
+    try:
+        yield Path(temporary)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def files_key(paths: Sequence[str], *extra: object) -> str:
+    """A short hash of the files (path, size, modification time, in order) and `extra` values.
+
+    Caches derived from images are named by it: a changed manifest, a replaced image (the
+    demo data regenerated in place) or another image size gives another key, so a stale
+    cache is never read.
+    """
+    digest = hashlib.sha256(repr(extra).encode())
+    for path in paths:
+        try:
+            stat = os.stat(path)
+        except FileNotFoundError:
+            raise DataError(f"image not found: {path}") from None
+        digest.update(f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:16]
+
+
+@dataclass(frozen=True, eq=False)
+class ImageCache:
+    """The decoded, resized uint8 pixels of a set of images, memory-mapped from one .npy file.
+
+    Reading a batch copies only that batch from the page cache: Kvasir at 299 px (2.1 GB)
+    never has to fit in memory, nor in a TensorFlow graph.
+    """
+
+    path: Path
+    image_size: int
+    paths: pd.Index
+    pixels: np.ndarray
+
+    def positions(self, paths: pd.Series) -> np.ndarray:
+        """The row of each image in `pixels`; DataError for an image the cache lacks."""
+        positions = self.paths.get_indexer(paths)
+        if (positions < 0).any():
+            missing = paths[positions < 0].iloc[0]
+            raise DataError(f"image {missing} is not in the image cache {self.path}")
+        return positions
+
+
+def _build_image_cache(paths: list[str], image_size: int, path: Path) -> None:
+    """Decode every image once (in parallel) into a new .npy file, renamed into place at the end."""
+    decoded = (
+        tf.data.Dataset.from_tensor_slices(paths)
+        .map(lambda file: _load_image(file, image_size), num_parallel_calls=tf.data.AUTOTUNE)
+        .batch(64)
+        .prefetch(tf.data.AUTOTUNE)
     )
+    with atomic_path(path, suffix=".npy") as temporary:
+        pixels = np.lib.format.open_memmap(
+            temporary, mode="w+", dtype=np.uint8, shape=(len(paths), image_size, image_size, 3)
+        )
+        start = 0
+        try:
+            for batch in decoded.as_numpy_iterator():
+                pixels[start : start + len(batch)] = batch
+                start += len(batch)
+        except tf.errors.InvalidArgumentError as error:
+            raise DataError(
+                f"an image does not decode while building the image cache (find_bad_images lists "
+                f"such files): {error.message.splitlines()[0]}"
+            ) from None
+        pixels.flush()
+        del pixels
 
 
-def _random_flips(dataset: tf.data.Dataset, seed: int) -> tf.data.Dataset:
-    """Flip each image horizontally and vertically, each with probability 1/2.
+def cache_images(frame: pd.DataFrame, image_size: int, cache_dir: str | os.PathLike) -> ImageCache:
+    """The decoded-image cache of the frame's images at `image_size`, built on first use.
 
-    Stateless flips with per-element seeds from a seeded random stream: reproducible for a
-    seed even with parallel calls, and different in every epoch.
+    One file `images-<size>-<key>.npy` in `cache_dir` holds every image of the frame, so
+    that the training, validation and test rows of a manifest, every epoch and every trial
+    share one decoding. The key (`files_key`) changes with the set of images, their files
+    and the size; an unchanged manifest reuses the file.
     """
-    seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
+    paths = sorted(set(frame["path"]))
+    path = Path(cache_dir) / f"images-{image_size}-{files_key(paths, image_size)}.npy"
+    if not path.is_file():
+        _build_image_cache(paths, image_size, path)
+    return ImageCache(path, image_size, pd.Index(paths), np.load(path, mmap_mode="r"))
 
-    def flip(element: tuple[tf.Tensor, tf.Tensor], pair: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-        image, label = element
-        horizontal, vertical = tf.unstack(tf.random.experimental.stateless_split(pair, num=2))
-        image = tf.image.stateless_random_flip_left_right(image, seed=horizontal)
-        image = tf.image.stateless_random_flip_up_down(image, seed=vertical)
-        return image, label
 
-    return tf.data.Dataset.zip(dataset, seeds).map(flip, num_parallel_calls=tf.data.AUTOTUNE)
+FLIP_VARIANTS: tuple[str, ...] = ("none", "horizontal", "vertical", "both")
+
+
+def _flip_image(image: tf.Tensor, variant: tf.Tensor) -> tf.Tensor:
+    image = tf.cond(variant % 2 == 1, lambda: tf.reverse(image, axis=[1]), lambda: image)
+    return tf.cond(variant // 2 == 1, lambda: tf.reverse(image, axis=[0]), lambda: image)
+
+
+def flip_images(images: tf.Tensor, variants: tf.Tensor | int) -> tf.Tensor:
+    """Flip each image of a NHWC batch by its variant (an index into FLIP_VARIANTS).
+
+    `variants`: one per image, or one for the whole batch. Bit 0 of a variant flips
+    horizontally, bit 1 vertically. Image by image, so that only the flips drawn are
+    computed: a batched `tf.where` of flipped and unflipped copies costs more than
+    decoding a small JPEG.
+    """
+    variants = tf.broadcast_to(tf.cast(variants, tf.int32), tf.shape(images)[:1])
+    signature = tf.TensorSpec(images.shape[1:], images.dtype)
+    return tf.map_fn(lambda pair: _flip_image(*pair), (images, variants), fn_output_signature=signature)
+
+
+def epoch_rows(count: int, training: bool, seed: int = 0) -> tf.data.Dataset:
+    """The (row, flip variant) pairs of one epoch over `count` rows.
+
+    Training: every row once, in a seeded order that changes in every epoch, each with a
+    flip variant drawn uniformly (that is, horizontal and vertical flips with probability
+    1/2 each, independently), also anew in every epoch: the thesis's augmentation.
+    Otherwise: rows in order, unflipped. The image pipeline and the cached-feature
+    pipeline both draw from here, so for one seed they see the same images in the same
+    order with the same flips.
+    """
+    rows = tf.data.Dataset.range(count)
+    if not training:
+        return rows.map(lambda row: (row, tf.constant(0, tf.int32)))
+    rows = rows.shuffle(count, seed=seed, reshuffle_each_iteration=True)
+    variants = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).map(
+        lambda value: tf.cast(tf.math.floormod(value, len(FLIP_VARIANTS)), tf.int32)
+    )
+    return tf.data.Dataset.zip(rows, variants)
 
 
 def make_dataset(
@@ -316,31 +436,41 @@ def make_dataset(
     preprocess: Callable[[tf.Tensor], tf.Tensor] | None,
     training: bool,
     seed: int = 0,
+    cache: ImageCache | None = None,
 ) -> tf.data.Dataset:
     """A tf.data pipeline of (float32 NHWC images, int32 labels) batches for Keras.
 
     Training: the whole frame is shuffled again in every epoch (seeded) and images are
     randomly flipped horizontally and vertically, the thesis's only augmentation.
     Otherwise: the frame's order, no augmentation. `preprocess` (a backbone's
-    `preprocess_input`, on 0-255 floats) is applied to each batch; None leaves images as they are.
+    `preprocess_input`, on 0-255 floats) is applied to each batch; None leaves images as
+    they are. With `cache` (see `cache_images`) the pixels are read from it instead of
+    decoded; they are the same pixels.
     """
     if frame.empty:
         raise DataError("cannot make a dataset of an empty frame: the split has no images")
-    indices = {name: index for index, name in enumerate(class_names)}
-    unknown = sorted(set(frame["label"]) - set(indices))
-    if unknown:
-        raise DataError(f"label(s) {', '.join(map(repr, unknown))} not among class_names {class_names}")
-    labels = frame["label"].map(indices).to_numpy(dtype=np.int32)
-    files = tf.data.Dataset.from_tensor_slices((frame["path"].to_numpy(dtype=str), labels))
-    if training:
-        # Shuffle paths, not pixels: a buffer of the whole frame costs bytes per image, not megabytes.
-        files = files.shuffle(len(frame), seed=seed, reshuffle_each_iteration=True)
-    dataset = _decoded_dataset(files, image_size)
-    if training:
-        dataset = _random_flips(dataset, seed)
-    dataset = dataset.batch(batch_size)
-    if preprocess is not None:
-        dataset = dataset.map(
-            lambda images, labels: (preprocess(images), labels), num_parallel_calls=tf.data.AUTOTUNE
-        )
-    return dataset.prefetch(tf.data.AUTOTUNE)
+    labels = tf.constant(label_indices(frame, class_names))
+    rows = epoch_rows(len(frame), training, seed)
+    if cache is None:
+        paths = tf.constant(frame["path"].to_numpy(dtype=str))
+        batches = rows.map(
+            lambda row, variant: (_load_image(tf.gather(paths, row), image_size), variant, tf.gather(labels, row)),
+            num_parallel_calls=tf.data.AUTOTUNE,
+        ).batch(batch_size)
+    else:
+        if cache.image_size != image_size:
+            raise DataError(f"the image cache {cache.path} holds {cache.image_size} px images, not {image_size} px")
+        positions = tf.constant(cache.positions(frame["path"]))
+        shape = (None, image_size, image_size, 3)
+
+        def read(rows: tf.Tensor, variants: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+            images = tf.numpy_function(cache.pixels.__getitem__, [tf.gather(positions, rows)], tf.uint8, stateful=False)
+            return tf.ensure_shape(images, shape), variants, tf.gather(labels, rows)
+
+        batches = rows.batch(batch_size).map(read, num_parallel_calls=tf.data.AUTOTUNE)
+
+    def finish(images: tf.Tensor, variants: tf.Tensor, labels: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        images = tf.cast(flip_images(images, variants), tf.float32)
+        return (images if preprocess is None else preprocess(images)), labels
+
+    return batches.map(finish, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)

@@ -1,7 +1,13 @@
 """One training run: the classification block on a frozen backbone, or fine-tuning from it.
 
-Each run seeds Keras first and frees the Keras session afterwards (also when it fails),
-because a search trains many models in one process and Keras keeps every graph otherwise.
+Each run seeds Keras and makes TensorFlow's ops deterministic first, so that two runs
+with the same settings give the same history on a CPU, and frees the Keras session
+afterwards (also when it fails), because a search trains many models in one process and
+Keras keeps every graph otherwise.
+
+With a cache folder (`TrainingSettings.cache_dir`) a run reads decoded images from the
+image cache (`data.cache_images`) and trains the classification block on cached pooled
+features (`tlopt.features`); the results are those of the on-the-fly path, only sooner.
 
 Files of a run (`run_dir`):
     block/history.csv, block/best.weights.h5          classification block
@@ -16,6 +22,9 @@ import gc
 import math
 import os
 import time
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,7 +33,7 @@ import numpy as np
 import pandas as pd
 import tensorflow as tf
 
-from tlopt import data
+from tlopt import data, features
 from tlopt.backbones import build_transfer_model, get_backbone, set_delimiting_layer
 from tlopt.callbacks import BEST_WEIGHTS_FILE, NonconvergenceFiltering, run_callbacks
 from tlopt.errors import ConfigError, DataError, TrainingError
@@ -61,7 +70,14 @@ def _param(params: dict, dotted: str):
 
 @dataclass(frozen=True)
 class TrainingSettings:
-    """What every run of an experiment shares; the defaults are the thesis's values."""
+    """What every run of an experiment shares; the defaults are the thesis's values.
+
+    `image_cache`, `feature_cache`: read decoded images from the image cache, train the
+    classification block on cached pooled features; both need `cache_dir`, the folder of
+    the caches (a run folder's `cache/`), and without it every run decodes on the fly.
+    `mixed_precision`, `jit_compile`: GPU switches; on a machine without a GPU they warn
+    and the run goes on in float32, without XLA.
+    """
 
     image_size: int = 299
     batch_size: int = 16
@@ -76,10 +92,15 @@ class TrainingSettings:
     seed: int = 0
     nonconvergence_monitor: str = "val_accuracy"
     nonconvergence_mode: str = "auto"
+    image_cache: bool = False
+    feature_cache: bool = False
+    mixed_precision: bool = False
+    jit_compile: bool = False
+    cache_dir: str | None = None
 
     @classmethod
-    def from_params(cls, params: dict) -> TrainingSettings:
-        """Read the settings from a loaded parameter file (see params.py)."""
+    def from_params(cls, params: dict, cache_dir: str | os.PathLike | None = None) -> TrainingSettings:
+        """Read the settings from a loaded parameter file (see params.py); caches go to `cache_dir`."""
         return cls(
             image_size=int(_param(params, "data.image_size")),
             batch_size=int(_param(params, "data.batch_size")),
@@ -94,6 +115,11 @@ class TrainingSettings:
             seed=int(_param(params, "seed")),
             nonconvergence_monitor=str(_param(params, "training.nonconvergence.monitor")),
             nonconvergence_mode=str(_param(params, "training.nonconvergence").get("mode", "auto")),
+            image_cache=bool(_param(params, "data.image_cache")),
+            feature_cache=bool(_param(params, "training.feature_cache")),
+            mixed_precision=bool(_param(params, "training.mixed_precision")),
+            jit_compile=bool(_param(params, "training.jit_compile")),
+            cache_dir=None if cache_dir is None else str(cache_dir),
         )
 
 
@@ -122,10 +148,57 @@ def _rows(frame: pd.DataFrame, split: str) -> pd.DataFrame:
     return rows
 
 
-def _free_keras() -> None:
-    """Drop the graphs and models Keras keeps globally, so that the next run starts clean."""
-    keras.backend.clear_session()
-    gc.collect()
+def _on_gpu(switch: str, instead: str) -> bool:
+    """Whether a GPU switch can take effect; on a machine without a GPU, warn that it does not.
+
+    On a CPU, float16 has no fast kernels and XLA compiles slower code (measured: 5x
+    slower epochs), so the switches would only cost time; a parameter file written for a
+    GPU machine still runs here.
+    """
+    if tf.config.list_physical_devices("GPU"):
+        return True
+    warnings.warn(f"{switch} is for GPUs and is ignored on this machine without one: {instead}", RuntimeWarning)
+    return False
+
+
+@contextmanager
+def _run_scope(settings: TrainingSettings) -> Iterator[None]:
+    """Seed and make ops deterministic; mixed precision if asked for; afterwards free Keras.
+
+    The precision policy is global in Keras, so the previous one is restored after the
+    run. Op determinism is process-wide and stays on (TensorFlow cannot switch it off).
+    """
+    policy = keras.mixed_precision.global_policy()
+    keras.utils.set_random_seed(settings.seed)
+    tf.config.experimental.enable_op_determinism()
+    if settings.mixed_precision and _on_gpu("training.mixed_precision", "the run computes in float32"):
+        keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        yield
+    finally:
+        keras.mixed_precision.set_global_policy(policy)
+        keras.backend.clear_session()
+        gc.collect()
+
+
+def _build(
+    backbone: str, num_classes: int, settings: TrainingSettings, weights: str | os.PathLike | None
+) -> tuple[keras.Model, keras.Model]:
+    """The transfer model, with its softmax output in float32 also under mixed precision.
+
+    Keras's advice for mixed precision: float16 probabilities lose the small values the
+    loss needs. Under the float32 policy this changes nothing.
+    """
+    model, base = build_transfer_model(backbone, num_classes, settings.image_size, weights, settings.pooling)
+    model.get_layer("predictions").dtype_policy = keras.DTypePolicy("float32")
+    return model, base
+
+
+def _image_cache(frame: pd.DataFrame, settings: TrainingSettings) -> data.ImageCache | None:
+    """The decoded-image cache of the whole manifest (every split shares it), if the settings use one."""
+    if settings.image_cache and settings.cache_dir is not None:
+        return data.cache_images(frame, settings.image_size, settings.cache_dir)
+    return None
 
 
 def _datasets(
@@ -134,8 +207,10 @@ def _datasets(
     """The training (shuffled, flipped) and validation pipelines of the manifest's train and val rows."""
     preprocess = get_backbone(backbone).preprocess_input
     size, batch, seed = settings.image_size, settings.batch_size, settings.seed
-    train = data.make_dataset(_rows(frame, "train"), class_names, size, batch, preprocess, True, seed)
-    val = data.make_dataset(_rows(frame, "val"), class_names, size, batch, preprocess, False, seed)
+    train_rows, val_rows = _rows(frame, "train"), _rows(frame, "val")
+    cache = _image_cache(frame, settings)
+    train = data.make_dataset(train_rows, class_names, size, batch, preprocess, True, seed, cache)
+    val = data.make_dataset(val_rows, class_names, size, batch, preprocess, False, seed, cache)
     return train, val
 
 
@@ -153,7 +228,12 @@ def _fit(
     """Compile and fit `model` with the run's callbacks; summarize the history."""
     if epochs < 1:
         raise ConfigError(f"{phase} epochs must be at least 1, got {epochs}")
-    model.compile(optimizer=make_optimizer(optimizer, learning_rate), loss=LOSS, metrics=["accuracy"])
+    model.compile(
+        optimizer=make_optimizer(optimizer, learning_rate),
+        loss=LOSS,
+        metrics=["accuracy"],
+        jit_compile=settings.jit_compile and _on_gpu("training.jit_compile", "Keras compiles without XLA"),
+    )
     phase_dir = Path(run_dir) / phase
     callbacks = run_callbacks(phase_dir, Path(run_dir) / "tensorboard" / phase, settings)
     train, val = datasets
@@ -208,21 +288,56 @@ def train_block(
     """Train the classification block on the frozen backbone for at most `block_epochs`.
 
     `frame` is the split manifest (its train rows fit, its val rows validate). The best
-    weights by validation accuracy are the whole model's, so that fine-tuning starts from them.
+    weights by validation accuracy are the whole model's, so that fine-tuning starts from
+    them. With `feature_cache` (and a `cache_dir`) the Dense layer trains on cached pooled
+    features instead of running the frozen backbone in every epoch.
     """
-    keras.utils.set_random_seed(settings.seed)
-    started = time.perf_counter()
-    try:
-        datasets = _datasets(backbone, frame, class_names, settings)
-        model, base = build_transfer_model(
-            backbone, len(class_names), settings.image_size, settings.weights, settings.pooling
-        )
+    with _run_scope(settings):
+        started = time.perf_counter()
+        model, base = _build(backbone, len(class_names), settings, settings.weights)
         base.trainable = False
+        if settings.feature_cache and settings.cache_dir is not None:
+            return _train_head(
+                backbone, model, optimizer, learning_rate, frame, class_names, run_dir, settings, started
+            )
+        datasets = _datasets(backbone, frame, class_names, settings)
         return _fit(
             "block", model, optimizer, learning_rate, settings.block_epochs, datasets, run_dir, settings, started
         )
-    finally:
-        _free_keras()
+
+
+def _train_head(
+    backbone: str,
+    model: keras.Model,
+    optimizer: str,
+    learning_rate: float,
+    frame: pd.DataFrame,
+    class_names: list[str],
+    run_dir: str | os.PathLike,
+    settings: TrainingSettings,
+    started: float,
+) -> RunResult:
+    """The classification block trained on cached features, with the same callbacks and result.
+
+    The checkpoint holds the head's best weights; they are loaded into `model` (which
+    shares the Dense layer) and the whole model's weights replace the checkpoint, so that
+    fine-tuning and prediction read the file as after an on-the-fly run.
+    """
+    train_rows, val_rows = _rows(frame, "train"), _rows(frame, "val")
+    cache = _image_cache(frame, settings)
+    train = features.pooled_features(model, backbone, train_rows, class_names, features.ALL_FLIPS, settings, cache)
+    val = features.pooled_features(model, backbone, val_rows, class_names, features.NO_FLIP, settings, cache)
+    train_labels, val_labels = data.label_indices(train_rows, class_names), data.label_indices(val_rows, class_names)
+    datasets = (
+        features.feature_dataset(train, train_labels, settings.batch_size, True, settings.seed),
+        features.feature_dataset(val, val_labels, settings.batch_size, False),
+    )
+    head = features.head_model(model)
+    result = _fit("block", head, optimizer, learning_rate, settings.block_epochs, datasets, run_dir, settings, started)
+    head.load_weights(result.weights_path)
+    with data.atomic_path(result.weights_path, suffix=".weights.h5") as temporary:
+        model.save_weights(temporary)
+    return result
 
 
 def _load_model(
@@ -231,7 +346,7 @@ def _load_model(
     """The transfer model with a run's saved weights (random initialisation first: they replace it)."""
     if not Path(weights_path).is_file():
         raise TrainingError(f"weights file not found: {weights_path}")
-    model, base = build_transfer_model(backbone, num_classes, settings.image_size, None, settings.pooling)
+    model, base = _build(backbone, num_classes, settings, None)
     model.load_weights(weights_path)
     return model, base
 
@@ -252,17 +367,14 @@ def fine_tune(
     Backbone layers before `delimiting_layer` stay frozen; that layer and every later
     one train, with the fine-tuning optimizer and learning rate.
     """
-    keras.utils.set_random_seed(settings.seed)
-    started = time.perf_counter()
-    try:
+    with _run_scope(settings):
+        started = time.perf_counter()
         datasets = _datasets(backbone, frame, class_names, settings)
         model, base = _load_model(backbone, block_weights, len(class_names), settings)
         set_delimiting_layer(base, delimiting_layer)
         return _fit(
             "finetune", model, optimizer, learning_rate, settings.finetune_epochs, datasets, run_dir, settings, started
         )
-    finally:
-        _free_keras()
 
 
 def predict(
@@ -272,14 +384,15 @@ def predict(
     class_names: list[str],
     settings: TrainingSettings,
 ) -> np.ndarray:
-    """Predicted class indices for every row of `frame`, in its order (no augmentation)."""
-    keras.utils.set_random_seed(settings.seed)
-    try:
+    """Predicted class indices for every row of `frame`, in its order (no augmentation).
+
+    The images are decoded on the fly: one pass, and `frame` is often one split only,
+    whose images the manifest's image cache holds among others.
+    """
+    with _run_scope(settings):
         model, _ = _load_model(backbone, weights_path, len(class_names), settings)
         preprocess = get_backbone(backbone).preprocess_input
         images = data.make_dataset(
             frame, class_names, settings.image_size, settings.batch_size, preprocess, False, settings.seed
         )
         return np.argmax(model.predict(images, verbose=0), axis=1)
-    finally:
-        _free_keras()

@@ -1,0 +1,310 @@
+"""The caches give what the faithful path computes: the decoded-image cache and the frozen-feature cache.
+
+Training runs use VGG16 with random weights at 32 px, as in test_training.py: the
+batch-normalised backbones give near-zero features with random weights in inference mode.
+"""
+
+import dataclasses
+import os
+
+import keras
+import numpy as np
+import pandas as pd
+import pytest
+import tensorflow as tf
+from PIL import Image
+
+from tlopt import data, features, training
+from tlopt.backbones import build_transfer_model, get_backbone, layer_count
+from tlopt.errors import DataError
+from tlopt.training import TrainingSettings, fine_tune, predict, train_block
+
+BACKBONE = "VGG16"
+SIZE = 32
+SETTINGS = TrainingSettings(
+    image_size=SIZE, batch_size=16, block_epochs=5, early_stopping_patience=5, nonconvergence=False, weights=None
+)
+
+
+@pytest.fixture(scope="module")
+def manifest(demo_root):
+    frame = data.split(data.discover(demo_root), val_fraction=0.3, seed=0)
+    return frame, data.class_names(frame)
+
+
+def _epoch(dataset: tf.data.Dataset) -> tuple[np.ndarray, np.ndarray]:
+    images, labels = zip(*[(x.numpy(), y.numpy()) for x, y in dataset])
+    return np.concatenate(images), np.concatenate(labels)
+
+
+def _cache_files(folder) -> dict[str, tuple[int, int]]:
+    """Name -> (inode, modification time) of every file in `folder`, temporary ones included."""
+    return {entry.name: (entry.stat().st_ino, entry.stat().st_mtime_ns) for entry in os.scandir(folder)}
+
+
+# The decoded-image cache
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_image_cache_gives_the_pixels_of_decoding(manifest, tmp_path, training):
+    """Same images, labels, order and flips with and without the cache, for a seed."""
+    frame, names = manifest
+    cache = data.cache_images(frame, SIZE, tmp_path)
+    rows = frame.sample(frac=1, random_state=1)  # any subset and order of the cached images
+
+    decoded = data.make_dataset(rows, names, SIZE, 16, None, training, seed=3)
+    cached = data.make_dataset(rows, names, SIZE, 16, None, training, seed=3, cache=cache)
+
+    for _ in range(2):  # a second epoch: new order and flips, the same on both sides
+        decoded_images, decoded_labels = _epoch(decoded)
+        cached_images, cached_labels = _epoch(cached)
+        np.testing.assert_array_equal(cached_images, decoded_images)
+        np.testing.assert_array_equal(cached_labels, decoded_labels)
+    assert cache.pixels.dtype == np.uint8 and cache.pixels.shape == (len(frame), SIZE, SIZE, 3)
+
+
+def test_image_cache_rows_are_the_resized_images_of_their_paths(manifest, tmp_path):
+    frame, _ = manifest
+    cache = data.cache_images(frame, SIZE, tmp_path)
+    paths = frame["path"].iloc[[40, 3, 77]]
+    for path, pixels in zip(paths, cache.pixels[cache.positions(paths)]):
+        decoded = tf.io.decode_image(tf.io.read_file(path), channels=3)  # TensorFlow's decoder: PIL's differs a little
+        expected = tf.image.resize(decoded, (SIZE, SIZE)).numpy()
+        np.testing.assert_allclose(pixels, expected, atol=0.5 + 1e-4)  # rounded to uint8
+
+
+def test_image_cache_is_reused_until_the_manifest_or_size_changes(manifest, tmp_path):
+    frame, _ = manifest
+    first = data.cache_images(frame, SIZE, tmp_path)
+    built = _cache_files(tmp_path)
+    assert list(built) == [first.path.name] and first.path.name.startswith(f"images-{SIZE}-")
+
+    again = data.cache_images(frame.sample(frac=1, random_state=0), SIZE, tmp_path)  # same images, other order
+    assert again.path == first.path and _cache_files(tmp_path) == built  # not rebuilt
+
+    fewer = data.cache_images(frame.iloc[1:], SIZE, tmp_path)
+    other_size = data.cache_images(frame, 40, tmp_path)
+    assert len({first.path, fewer.path, other_size.path}) == 3
+    assert len(fewer.pixels) == len(frame) - 1 and other_size.pixels.shape[1:] == (40, 40, 3)
+
+
+def test_a_replaced_image_file_rebuilds_the_cache(tmp_path):
+    root = tmp_path / "data"
+    paths = []
+    for label, colour in (("a", (250, 0, 0)), ("b", (0, 0, 250))):
+        paths.append(root / label / "x.png")
+        paths[-1].parent.mkdir(parents=True)
+        Image.new("RGB", (8, 8), colour).save(paths[-1])
+    frame = data.discover(root)
+    before = data.cache_images(frame, 8, tmp_path / "cache")
+
+    Image.new("RGB", (8, 8), (0, 250, 0)).save(paths[0])
+    os.utime(paths[0], ns=(1, 1))  # a different modification time even on a coarse clock
+    after = data.cache_images(frame, 8, tmp_path / "cache")
+
+    assert after.path != before.path
+    assert after.pixels[0, 0, 0].tolist() == [0, 250, 0] and before.pixels[0, 0, 0].tolist() == [250, 0, 0]
+
+
+def test_a_failed_build_leaves_no_cache_behind(manifest, tmp_path):
+    frame, _ = manifest
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"not an image")
+    frame = pd.concat([frame, pd.DataFrame({"path": [str(broken)], "label": [frame["label"].iloc[0]]})])
+
+    with pytest.raises(DataError, match="does not decode while building the image cache"):
+        data.cache_images(frame, SIZE, tmp_path / "cache")
+
+    assert _cache_files(tmp_path / "cache") == {}
+
+
+def test_image_cache_errors(manifest, tmp_path):
+    frame, names = manifest
+    cache = data.cache_images(frame.iloc[:10], SIZE, tmp_path)
+    with pytest.raises(DataError, match="is not in the image cache"):
+        data.make_dataset(frame.iloc[5:15], names, SIZE, 4, None, False, cache=cache)
+    with pytest.raises(DataError, match="holds 32 px images, not 40 px"):
+        data.make_dataset(frame.iloc[:10], names, 40, 4, None, False, cache=cache)
+    with pytest.raises(DataError, match="image not found: /nowhere.jpg"):
+        data.cache_images(pd.DataFrame({"path": ["/nowhere.jpg"], "label": ["a"]}), SIZE, tmp_path)
+
+
+# The frozen-feature cache
+
+
+def test_cached_features_are_the_backbone_output_on_flipped_preprocessed_images(manifest, tmp_path):
+    frame, names = manifest
+    settings = dataclasses.replace(SETTINGS, cache_dir=str(tmp_path))
+    rows = frame.iloc[::7]
+    keras.utils.set_random_seed(0)
+    model, base = build_transfer_model(BACKBONE, len(names), SIZE, None)
+
+    vectors = features.pooled_features(model, BACKBONE, rows, names, features.ALL_FLIPS, settings)
+
+    pixels, _ = _epoch(data.make_dataset(rows, names, SIZE, 16, None, False))
+    flips = {
+        "none": pixels,
+        "horizontal": pixels[:, :, ::-1],
+        "vertical": pixels[:, ::-1],
+        "both": pixels[:, ::-1, ::-1],
+    }
+    assert vectors.shape == (4, len(rows), 512) and vectors.dtype == np.float32
+    for variant, name in enumerate(data.FLIP_VARIANTS):
+        preprocessed = get_backbone(BACKBONE).preprocess_input(flips[name].copy())
+        expected = base.predict(preprocessed, verbose=0).max(axis=(1, 2))  # global max pooling
+        np.testing.assert_allclose(vectors[variant], expected, rtol=1e-4, atol=1e-6 * np.abs(expected).max())
+    assert not np.allclose(vectors[0], vectors[1])  # the flips matter
+
+    files = _cache_files(tmp_path)
+    again = features.pooled_features(model, BACKBONE, rows, names, features.ALL_FLIPS, settings)
+    np.testing.assert_array_equal(again, vectors)
+    assert _cache_files(tmp_path) == files and len(files) == 1  # read back, not extracted again
+    keras.backend.clear_session()
+
+
+def test_the_feature_cache_key_separates_what_changes_the_features(manifest, tmp_path):
+    frame, _ = manifest
+    settings = dataclasses.replace(SETTINGS, cache_dir=str(tmp_path))
+    rows = frame.iloc[:10]
+    path = features.features_path(BACKBONE, rows, features.ALL_FLIPS, settings)
+    variations = [
+        features.features_path("VGG19", rows, features.ALL_FLIPS, settings),
+        features.features_path(BACKBONE, frame.iloc[:11], features.ALL_FLIPS, settings),
+        features.features_path(BACKBONE, rows.iloc[::-1], features.ALL_FLIPS, settings),
+        features.features_path(BACKBONE, rows, features.NO_FLIP, settings),
+        *(
+            features.features_path(BACKBONE, rows, features.ALL_FLIPS, dataclasses.replace(settings, **change))
+            for change in ({"image_size": 40}, {"pooling": "avg"}, {"seed": 1}, {"weights": "imagenet"})
+        ),
+    ]
+    assert path not in variations and len(set(variations)) == len(variations)
+    # The seed only matters for random weights; training settings never matter.
+    same = {"block_epochs": 1, "batch_size": 4, "feature_cache": False}
+    assert features.features_path(BACKBONE, rows, features.ALL_FLIPS, dataclasses.replace(settings, **same)) == path
+    imagenet = dataclasses.replace(settings, weights="imagenet")
+    assert features.features_path(BACKBONE, rows, features.ALL_FLIPS, imagenet) == features.features_path(
+        BACKBONE, rows, features.ALL_FLIPS, dataclasses.replace(imagenet, seed=1)
+    )
+
+
+def test_feature_batches_draw_each_flip_variant_per_image_per_epoch():
+    vectors = np.arange(4 * 6, dtype=np.float32).reshape(4, 6, 1)  # value = 6 x variant + row
+    labels = np.arange(6, dtype=np.int32)
+    dataset = features.feature_dataset(vectors, labels, 4, training=True, seed=0)
+    orders, variants = [], set()
+    for _ in range(4):
+        values, rows = _epoch(dataset)
+        assert sorted(rows) == list(range(6))  # every image once per epoch
+        np.testing.assert_array_equal(values[:, 0] % 6, rows)  # its own vector
+        orders.append(rows.tolist())
+        variants |= set((values[:, 0] // 6).astype(int))
+    assert variants == {0, 1, 2, 3} and len({tuple(order) for order in orders}) > 1
+
+    values, rows = _epoch(features.feature_dataset(vectors[:1], labels, 4, training=False))
+    assert rows.tolist() == list(range(6)) and values[:, 0].tolist() == list(range(6))
+
+
+@pytest.fixture(scope="module")
+def runs(manifest, tmp_path_factory):
+    """The same classification-block run on the fly and from the caches."""
+    frame, names = manifest
+    folder = tmp_path_factory.mktemp("runs")
+    cached = dataclasses.replace(SETTINGS, image_cache=True, feature_cache=True, cache_dir=str(folder / "cache"))
+    return {
+        "on_the_fly": train_block(BACKBONE, "Adam", 0.01, frame, names, folder / "on_the_fly", SETTINGS),
+        "cached": train_block(BACKBONE, "Adam", 0.01, frame, names, folder / "cached", cached),
+        "settings": cached,
+    }
+
+
+@pytest.mark.slow
+def test_head_trained_from_the_cache_matches_the_on_the_fly_run(runs, manifest):
+    on_the_fly, cached = runs["on_the_fly"], runs["cached"]
+    val_images = len(manifest[0].query("split == 'val'"))
+    # The same draws of order and flips: equal up to float rounding (measured: equal to 4 decimals).
+    assert cached.epochs == on_the_fly.epochs == SETTINGS.block_epochs
+    for row, reference in zip(cached.history, on_the_fly.history):
+        assert abs(row["val_accuracy"] - reference["val_accuracy"]) <= 1 / val_images + 1e-6
+        assert row["loss"] == pytest.approx(reference["loss"], rel=1e-3)
+    assert abs(cached.val_accuracy - on_the_fly.val_accuracy) <= 1 / val_images + 1e-6
+    assert cached.val_accuracy > 0.25  # chance for 4 balanced classes
+
+
+@pytest.mark.slow
+def test_head_run_writes_the_files_of_an_on_the_fly_run(runs, manifest):
+    frame, names = manifest
+    cached = runs["cached"]
+    block = os.path.dirname(cached.weights_path)
+    history = pd.read_csv(os.path.join(block, "history.csv"))
+    assert list(history["epoch"]) == list(range(cached.epochs))
+    assert set(history.columns) == {"epoch", "accuracy", "loss", "val_accuracy", "val_loss"}
+    assert os.listdir(os.path.join(block, "..", "tensorboard", "block"))
+    # The checkpoint holds the whole transfer model, so that prediction and fine-tuning read it as usual.
+    val = frame[frame["split"] == "val"]
+    predicted = predict(BACKBONE, cached.weights_path, val, names, SETTINGS)
+    assert np.mean(predicted == data.label_indices(val, names)) == pytest.approx(cached.val_accuracy, abs=1 / len(val))
+
+
+@pytest.mark.slow
+def test_fine_tuning_starts_from_the_cached_run_and_reads_the_image_cache(runs, manifest, tmp_path):
+    """With a learning rate of 0 and the whole backbone frozen, fine-tuning's first epoch is the block's best."""
+    frame, names = manifest
+    cached = runs["cached"]
+    settings = dataclasses.replace(runs["settings"], finetune_epochs=1)
+    files = _cache_files(settings.cache_dir)
+    result = fine_tune(
+        BACKBONE, "SGD", 0.0, layer_count(BACKBONE), cached.weights_path, frame, names, tmp_path, settings
+    )
+    assert result.val_accuracy == cached.val_accuracy
+    assert result.val_loss == pytest.approx(cached.val_loss, rel=1e-4)
+    assert _cache_files(settings.cache_dir) == files
+
+
+@pytest.mark.slow
+def test_feature_and_image_caches_are_shared_by_later_trials(runs, manifest, tmp_path):
+    frame, names = manifest
+    settings = runs["settings"]
+    files = _cache_files(settings.cache_dir)
+    assert sorted(name.split("-")[0] for name in files) == ["features", "features", "images"]  # train and val features
+
+    other = train_block(BACKBONE, "SGD", 0.05, frame, names, tmp_path, settings)
+
+    assert _cache_files(settings.cache_dir) == files  # nothing extracted or decoded again
+    assert other.history != runs["cached"].history
+
+
+# GPU switches
+
+
+@pytest.mark.slow
+def test_gpu_switches_on_a_cpu_warn_and_change_nothing(runs, manifest, tmp_path):
+    frame, names = manifest
+    settings = dataclasses.replace(runs["settings"], mixed_precision=True, jit_compile=True)
+    with pytest.warns(RuntimeWarning) as warned:
+        result = train_block(BACKBONE, "Adam", 0.01, frame, names, tmp_path, settings)
+    messages = {str(w.message).split(" is for GPUs")[0] for w in warned if w.category is RuntimeWarning}
+    assert messages == {"training.mixed_precision", "training.jit_compile"}
+    assert result.history == runs["cached"].history  # float32, no XLA: the same run
+    assert keras.mixed_precision.global_policy().name == "float32"
+
+
+@pytest.mark.slow
+def test_mixed_precision_on_a_gpu_sets_the_policy_for_the_run_only(manifest, tmp_path, monkeypatch):
+    """A pretend GPU: float16 runs on a CPU too (slowly), which is enough to check the switch."""
+    frame, names = manifest
+    monkeypatch.setattr(training, "_on_gpu", lambda switch, instead: True)
+    policies = []
+    set_policy = keras.mixed_precision.set_global_policy
+    monkeypatch.setattr(
+        keras.mixed_precision, "set_global_policy", lambda policy: (policies.append(str(policy)), set_policy(policy))
+    )
+    settings = dataclasses.replace(SETTINGS, block_epochs=1, mixed_precision=True)
+
+    result = train_block(BACKBONE, "Adam", 0.01, frame, names, tmp_path, settings)
+
+    assert policies[0] == "mixed_float16" and keras.mixed_precision.global_policy().name == "float32"
+    assert np.isfinite(result.history[0]["loss"])
+    model, _ = build_transfer_model(BACKBONE, len(names), SIZE, None)
+    model.load_weights(result.weights_path)  # float32 weights, as under the float32 policy
+    assert {weight.dtype for weight in model.weights} == {"float32"}
+    keras.backend.clear_session()

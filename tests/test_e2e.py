@@ -1,0 +1,115 @@
+"""`tlopt run params/ci.yaml` end to end, as a user runs it: the results layout, the report, resume."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import nbformat
+import pytest
+
+from tlopt.params import dump_params, load_params
+
+pytestmark = pytest.mark.slow
+
+REPOSITORY = Path(__file__).resolve().parent.parent
+TLOPT = Path(sys.executable).parent / "tlopt"
+NOTEBOOKS = ["00_data_split", "01_shared_strategy", "04_layer_optimization-shared", "05_analysis"]
+REPORT_SECTIONS = [
+    "00 · Data split", "Sample images per class",
+    "01 · Shared hyperparameters", "Did Bayesian optimization improve on its random initial points?",
+    "04 · Layer optimization", "Surrogate and acquisition",
+    "05 · Analysis", "Validation accuracy of every run against epoch",
+    "Validation accuracy of every run against wall-clock time", "Strategy comparison", "Best hyperparameters",
+    "Final models: per-class metrics and confusion matrices", "Comparison with the dataset paper",
+    "Time per strategy", "Nonconvergence filtering", "Environment",
+]
+
+
+def tlopt(*args):
+    return subprocess.run([str(TLOPT), *map(str, args)], capture_output=True, text=True, cwd=REPOSITORY)
+
+
+@pytest.fixture(scope="module")
+def ci_params(tmp_path_factory):
+    """params/ci.yaml with its data and results in a temporary folder."""
+    folder = tmp_path_factory.mktemp("e2e")
+    params = load_params(REPOSITORY / "params" / "ci.yaml",
+                         {"results_dir": str(folder / "results"), "data.root": str(folder / "data")})
+    return dump_params(params, folder / "ci.yaml")
+
+
+@pytest.fixture(scope="module")
+def finished_run(ci_params):
+    result = tlopt("run", ci_params, "--name", "e2e", "--strategy", "shared")
+    assert result.returncode == 0, result.stderr
+    return ci_params.parent / "results" / "e2e", result
+
+
+def test_the_run_writes_every_file_of_the_results_layout(finished_run):
+    run_dir, result = finished_run
+    for name in ("params.yaml", "environment.json", "split.csv", "trials.jsonl", "report.html",
+                 "shared/best.json"):
+        assert (run_dir / name).is_file(), name
+    assert load_params(run_dir / "params.yaml")["run_name"] == "e2e"
+
+    trials = [json.loads(line) for line in (run_dir / "trials.jsonl").read_text().splitlines()]
+    assert [t["id"] for t in trials] == [f"shared-{step}-{i:03d}" for step in ("model", "layers") for i in range(3)]
+    assert all(t["status"] == "ok" and Path(t["weights"]).is_file() for t in trials)
+    for step, surrogate in (("model", False), ("layers", True)):
+        for name in ("evaluations.txt", "report.txt", "convergence.png", "status.json"):
+            assert (run_dir / "shared" / step / name).is_file(), f"{step}/{name}"
+        assert (run_dir / "shared" / step / "acquisition.png").is_file() == surrogate
+    for trial in trials:
+        phases = ("block", "finetune") if trial["step"] == "model" else ("finetune",)
+        for phase in phases:
+            for name in ("history.csv", "best.weights.h5"):
+                assert (run_dir / "runs" / trial["id"] / phase / name).is_file()
+            assert any((run_dir / "runs" / trial["id"] / "tensorboard" / phase / "validation").iterdir())
+
+    best = json.loads((run_dir / "shared" / "best.json").read_text())
+    assert best["model"]["id"].startswith("shared-model-") and best["final"]["id"].startswith("shared-layers-")
+
+    assert sorted(path.stem for path in (run_dir / "notebooks").glob("*.ipynb")) == NOTEBOOKS
+    for name in NOTEBOOKS:
+        metadata = nbformat.read(run_dir / "notebooks" / f"{name}.ipynb", as_version=4).metadata["papermill"]
+        assert metadata["end_time"] and not metadata["exception"]
+        assert metadata["parameters"]["run_dir"] == str(run_dir)
+    for trial in trials:
+        assert f"trial {trial['id']}: val_accuracy" in result.stdout
+
+
+def test_the_report_holds_every_section_and_fetches_nothing(finished_run):
+    run_dir, _ = finished_run
+    html = (run_dir / "report.html").read_text()
+    for section in REPORT_SECTIONS:
+        assert section in html, section
+    assert "<script" not in html
+
+
+def test_resume_of_a_finished_run_does_no_new_work(finished_run, ci_params):
+    run_dir, _ = finished_run
+    before = {path: path.stat().st_mtime_ns for path in run_dir.rglob("*") if path.is_file() and path.name != "report.html"}
+
+    result = tlopt("run", ci_params, "--resume", run_dir, "--strategy", "shared")
+
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("finished before, skipped") == len(NOTEBOOKS)
+    assert "trial " not in result.stdout
+    after = {path: path.stat().st_mtime_ns for path in run_dir.rglob("*") if path.is_file() and path.name != "report.html"}
+    assert after == before, "resume wrote or changed files"
+
+
+def test_a_failing_notebook_stops_the_run_and_keeps_what_it_wrote(tmp_path):
+    params = load_params(REPOSITORY / "params" / "ci.yaml",
+                         {"results_dir": str(tmp_path / "results"), "data.root": str(tmp_path / "nothing"),
+                          "data.demo": None})
+    result = tlopt("run", dump_params(params, tmp_path / "broken.yaml"), "--name", "broken")
+
+    assert result.returncode == 1
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith("error: 00_data_split.ipynb failed in cell [")
+    assert f"DataError: dataset folder not found: {tmp_path / 'nothing'}" in line
+    run_dir = tmp_path / "results" / "broken"
+    assert (run_dir / "params.yaml").is_file() and (run_dir / "notebooks" / "00_data_split.ipynb").is_file()
+    assert not (run_dir / "report.html").exists() and "01_shared_strategy" not in result.stdout
