@@ -213,8 +213,13 @@ def trial_overhead(frame: pd.DataFrame, names: list[str], settings: TrainingSett
     return result
 
 
-def experiment(params: dict, frame: pd.DataFrame) -> tuple[float, float]:
-    """(seconds, best final validation accuracy) of every strategy and layer optimization of `params`."""
+def experiment(params: dict, frame: pd.DataFrame) -> tuple[float, float, int]:
+    """Every strategy and layer optimization of `params` in a new run folder.
+
+    Returns seconds, the best final validation accuracy, and how many cache files
+    (`images-*.npy`, `features-*.npy`) the run folder holds afterwards: none means
+    that the switches did not reach the training runs.
+    """
     run_dir = store.open_run(params)
     data.write_manifest(frame, run_dir / store.SPLIT_FILE)
     started = time.perf_counter()
@@ -224,7 +229,9 @@ def experiment(params: dict, frame: pd.DataFrame) -> tuple[float, float]:
         if params["layer_optimization"]["enabled"]:
             best = optimize.run_layer_optimization(params, strategy, run_dir=run_dir, progress=False)
         finals.append(best["val_accuracy"])
-    return time.perf_counter() - started, max(finals)
+    seconds = time.perf_counter() - started
+    cache_files = [path for pattern in ("images-*.npy", "features-*.npy") for path in run_dir.rglob(pattern)]
+    return seconds, max(finals), len(cache_files)
 
 
 def ratio(numerator: float, denominator: float) -> str:
@@ -302,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
         tl = kerastuner_side.run_tlopt(side, frame)
         kt = kerastuner_side.run_kerastuner(search, frame, work / "kerastuner")
 
-    (on_seconds, on_best), (off_seconds, off_best) = experiments["on"], experiments["off"]
+    (on_seconds, on_best, on_files), (off_seconds, off_best, _) = experiments["on"], experiments["off"]
     rows = [
         "| measurement | tlopt | without / other | ratio | target |",
         "|---|---|---|---|---|",
@@ -313,7 +320,8 @@ def main(argv: list[str] | None = None) -> int:
                                  f"at {size} px"),
         *pipeline_rows(pipeline_299, f"{train_images} Kvasir-sized JPEGs (the demo drawn at 576 px) at 299 px"),
         f"| whole experiment, caches on vs off: params/demo.yaml reduced to strategy `shared` + its layer "
-        f"optimization, 3 + 3 trials; best val accuracy {on_best:.2f} (on) vs {off_best:.2f} (off); one run each "
+        f"optimization, 3 + 3 trials; best val accuracy {on_best:.2f} (on) vs {off_best:.2f} (off); "
+        f"{on_files} cache files in the cached run's folder; one run each "
         f"| {on_seconds:.0f} s | {off_seconds:.0f} s | {ratio(off_seconds, on_seconds)} | |",
         f"| per-trial overhead on the fly: 2 model builds + 2 compiles + first-step tracing vs training "
         f"{block_epochs} block + {finetune_epochs} fine-tuning epochs | {overhead['overhead']:.1f} s "

@@ -42,7 +42,7 @@ class FakeTrainer:
         if self.fail_when is not None and self.fail_when(call):
             raise FloatingPointError("loss became NaN")
 
-    def train_block(self, backbone, optimizer, learning_rate, frame, class_names, run_dir, settings):
+    def train_block(self, backbone, optimizer, learning_rate, frame, class_names, run_dir, settings, observers=()):
         call = dict(phase="block", backbone=backbone, optimizer=optimizer, learning_rate=learning_rate,
                     run_dir=Path(run_dir))
         self.calls.append(call)
@@ -52,7 +52,7 @@ class FakeTrainer:
         return FakeResult(accuracy, 1 - accuracy, str(path), "block")
 
     def fine_tune(self, backbone, optimizer, learning_rate, delimiting_layer, block_weights,
-                  frame, class_names, run_dir, settings):
+                  frame, class_names, run_dir, settings, observers=()):
         call = dict(phase="finetune", backbone=backbone, optimizer=optimizer,
                     learning_rate=learning_rate, delimiting_layer=delimiting_layer,
                     block_weights=block_weights, run_dir=Path(run_dir))

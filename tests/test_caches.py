@@ -289,7 +289,8 @@ def test_gpu_switches_on_a_cpu_warn_and_change_nothing(runs, manifest, tmp_path)
 
 
 @pytest.mark.slow
-def test_mixed_precision_on_a_gpu_sets_the_policy_for_the_run_only(manifest, tmp_path, monkeypatch):
+@pytest.mark.parametrize("cached", [False, True], ids=["on_the_fly", "cached"])
+def test_mixed_precision_on_a_gpu_sets_the_policy_for_the_run_only(manifest, tmp_path, monkeypatch, cached):
     """A pretend GPU: float16 runs on a CPU too (slowly), which is enough to check the switch."""
     frame, names = manifest
     monkeypatch.setattr(training, "_on_gpu", lambda switch, instead: True)
@@ -298,12 +299,13 @@ def test_mixed_precision_on_a_gpu_sets_the_policy_for_the_run_only(manifest, tmp
     monkeypatch.setattr(
         keras.mixed_precision, "set_global_policy", lambda policy: (policies.append(str(policy)), set_policy(policy))
     )
-    settings = dataclasses.replace(SETTINGS, block_epochs=1, mixed_precision=True)
+    caches = {"image_cache": cached, "feature_cache": cached, "cache_dir": str(tmp_path / "cache")}
+    settings = dataclasses.replace(SETTINGS, block_epochs=1, mixed_precision=True, **caches)
 
     result = train_block(BACKBONE, "Adam", 0.01, frame, names, tmp_path, settings)
 
     assert policies[0] == "mixed_float16" and keras.mixed_precision.global_policy().name == "float32"
-    assert np.isfinite(result.history[0]["loss"])
+    assert np.isfinite(result.history[0]["loss"]) and result.val_accuracy > 0
     model, _ = build_transfer_model(BACKBONE, len(names), SIZE, None)
     model.load_weights(result.weights_path)  # float32 weights, as under the float32 policy
     assert {weight.dtype for weight in model.weights} == {"float32"}

@@ -38,15 +38,19 @@ def test_report_is_one_offline_page_with_every_notebook_in_order(tmp_path):
     executed(run_dir, "01_shared_strategy-joint", "01 · Joint", "joint_code = 1")
     executed(run_dir, "00_data_split", "00 · Data split", "split_code = 0")
     executed(run_dir, "01_shared_strategy", "01 · Shared", "shared_code = 1")
+    executed(run_dir, "04_layer_optimization-shared", "04 · Layer optimization", "layers_code = 4")
 
     html = render_report(run_dir).read_text()
 
     assert (run_dir / REPORT_FILE).is_file()
-    positions = [html.index(title) for title in ("00 · Data split", "01 · Shared", "01 · Joint", "05 · Analysis")]
-    assert positions == sorted(positions)
-    for anchor in ("00_data_split", "01_shared_strategy", "01_shared_strategy-joint", "05_analysis"):
+    code = [html.index(f"{name}_code") for name in ("split", "shared", "joint", "layers", "analysis")]
+    assert code == sorted(code)
+    for anchor in ("00_data_split", "01_shared_strategy", "01_shared_strategy-joint", "04_layer_optimization-shared",
+                   "05_analysis"):
         assert f'href="#{anchor}"' in html and f'id="{anchor}"' in html
-    assert len(re.findall(r'<img[^>]+src="data:image/png;base64,', html)) == 4
+    contents = html[:html.index('id="00_data_split"')]
+    assert "01 · Joint · joint" in contents and "04 · Layer optimization · shared" in contents
+    assert len(re.findall(r'<img[^>]+src="data:image/png;base64,', html)) == 5
     # Nothing is fetched: no script at all, no stylesheet link, widget state ignored.
     assert "<script" not in html
     assert not re.search(r'<link[^>]+href="http', html)

@@ -31,6 +31,7 @@ from threadpoolctl import threadpool_limits
 
 from tlopt import backbones, data, plots, store
 from tlopt.errors import TloptError
+from tlopt.live import LiveAccuracy, in_notebook
 from tlopt.space import LAYER_STEP, STEPS, SearchSpace, build_space
 from tlopt.strategies import Context, Objective, objective_for
 
@@ -301,6 +302,8 @@ def run_step(ctx: Context, run_dir: Path, strategy: str, step: str, space: Searc
                 how = bo["method"]
             trial_id = f"{strategy}-{step}-{index:03d}"
             trial_dir = run_dir / "runs" / trial_id
+            for observer in ctx.observers:
+                observer.start_trial(trial_id)
             shutil.rmtree(trial_dir, ignore_errors=True)  # what a killed attempt left behind
             record = {
                 "id": trial_id, "strategy": strategy, "step": step, "index": index,
@@ -340,8 +343,12 @@ def _best_or_fail(records: list[dict], strategy: str, step: str) -> dict:
     return best
 
 
-def make_context(params: dict, run_dir: Path, trainer: ModuleType | Any | None = None) -> Context:
-    """Read the run's split manifest and settings once for every objective of a run."""
+def make_context(params: dict, run_dir: Path, trainer: ModuleType | Any | None = None,
+                 live: bool = False, title: str = "") -> Context:
+    """Read the run's split manifest and settings once for every objective of a run.
+
+    `live` adds the notebook's live figure of validation accuracy per epoch.
+    """
     from tlopt import training
 
     frame = data.read_manifest(Path(run_dir) / store.SPLIT_FILE)
@@ -349,8 +356,9 @@ def make_context(params: dict, run_dir: Path, trainer: ModuleType | Any | None =
         params=params,
         frame=frame,
         class_names=data.class_names(frame),
-        settings=training.TrainingSettings.from_params(params),
+        settings=training.TrainingSettings.from_params(params, cache_dir=Path(run_dir) / "cache"),
         trainer=trainer or training,
+        observers=[LiveAccuracy(f"{title}: validation accuracy per epoch")] if live else [],
     )
 
 
@@ -381,7 +389,7 @@ def run_strategy(params: dict, strategy: str, run_dir: Path | None = None,
     if strategy not in STEPS:
         raise TloptError(f"unknown strategy '{strategy}' (known: {', '.join(STEPS)})")
     run_dir = store.open_run(params, run_dir)
-    ctx = make_context(params, run_dir, trainer)
+    ctx = make_context(params, run_dir, trainer, live=progress and in_notebook(), title=strategy)
     winners = {}
     for label, run_params in strategy_runs(params, strategy):
         best: dict | None = None
@@ -403,7 +411,8 @@ def run_layer_optimization(params: dict, strategy: str, run_dir: Path | None = N
                            trainer: ModuleType | Any | None = None, progress: bool = True) -> dict:
     """BO over the delimiting layer alone, from the best trial of `strategy`; its final model."""
     run_dir = store.open_run(params, run_dir)
-    ctx = make_context(params, run_dir, trainer)
+    ctx = make_context(params, run_dir, trainer, live=progress and in_notebook(),
+                       title=f"{strategy}: layer optimization")
     finals = {}
     for label, run_params in strategy_runs(params, strategy):
         best_file = run_dir / label / BEST_FILE

@@ -57,6 +57,13 @@ def _title(notebook: nbformat.NotebookNode, fallback: str) -> str:
     return fallback
 
 
+def _label(path: Path, notebook: nbformat.NotebookNode) -> str:
+    """The contents entry of a notebook: its title, and the variant its name carries (`04_...-shared`)."""
+    variant = path.stem.partition("-")[2]
+    title = _title(notebook, path.stem)
+    return f"{title} · {variant}" if variant else title
+
+
 def merged_notebook(run_dir: str | Path) -> nbformat.NotebookNode:
     """One notebook holding a table of contents and every executed notebook, each under an anchor."""
     run_dir = Path(run_dir)
@@ -64,13 +71,13 @@ def merged_notebook(run_dir: str | Path) -> nbformat.NotebookNode:
     if not paths:
         raise TloptError(f"no executed notebooks in {run_dir / NOTEBOOKS_DIR}: run `tlopt run` first")
     notebooks = [nbformat.read(path, as_version=4) for path in paths]
-    contents = [f"- [{_title(nb, path.stem)}](#{path.stem})" for path, nb in zip(paths, notebooks)]
+    contents = [f"- [{_label(path, nb)}](#{path.stem})" for path, nb in zip(paths, notebooks)]
     merged = nbformat.v4.new_notebook(metadata={"title": f"tlopt report: {run_dir.name}"})
     merged.cells.append(nbformat.v4.new_markdown_cell(
         f"# Experiment report: {run_dir.name}\n\nRun folder: `{run_dir}`\n\n" + "\n".join(contents)
     ))
     for path, notebook in zip(paths, notebooks):
-        merged.cells.append(nbformat.v4.new_markdown_cell(f'<a id="{path.stem}"></a>\n\n---'))
+        merged.cells.append(nbformat.v4.new_markdown_cell(f'<a id="{path.stem}"></a>\n\n---\n\n`{path.name}`'))
         for index, cell in enumerate(notebook.cells):
             cell.id = f"{path.stem}-{index}"  # unique across notebooks: 01 and 04 run once per strategy
             merged.cells.append(cell)

@@ -34,6 +34,7 @@ class Context:
     class_names: list[str]
     settings: Any
     trainer: ModuleType | Any
+    observers: list = field(default_factory=list)
 
 
 @dataclass
@@ -61,7 +62,7 @@ def _block_and_finetune(ctx: Context, trial_dir: Path, setup: dict) -> Outcome:
     """Train the classification block, then fine-tune from its best weights."""
     block = ctx.trainer.train_block(
         setup["backbone"], setup["block_optimizer"], setup["block_learning_rate"],
-        ctx.frame, ctx.class_names, trial_dir, ctx.settings,
+        ctx.frame, ctx.class_names, trial_dir, ctx.settings, observers=ctx.observers,
     )
     setup = {**setup, "block_weights": block.weights_path}
     return _finetune(ctx, trial_dir, setup, {"block": block})
@@ -71,7 +72,7 @@ def _finetune(ctx: Context, trial_dir: Path, setup: dict, phases: dict | None = 
     finetune = ctx.trainer.fine_tune(
         setup["backbone"], setup["finetune_optimizer"], setup["finetune_learning_rate"],
         setup["delimiting_layer"], setup["block_weights"],
-        ctx.frame, ctx.class_names, trial_dir, ctx.settings,
+        ctx.frame, ctx.class_names, trial_dir, ctx.settings, observers=ctx.observers,
     )
     return Outcome(scored=finetune, phases={**(phases or {}), "finetune": finetune}, setup=setup)
 
@@ -117,7 +118,7 @@ def separate_block(ctx: Context) -> Objective:
     def objective(hp: dict, trial_dir: Path) -> Outcome:
         block = ctx.trainer.train_block(
             hp["backbone"], hp["optimizer"], hp["learning_rate"],
-            ctx.frame, ctx.class_names, trial_dir, ctx.settings,
+            ctx.frame, ctx.class_names, trial_dir, ctx.settings, observers=ctx.observers,
         )
         setup = {
             "backbone": hp["backbone"],

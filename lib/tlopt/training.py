@@ -23,7 +23,7 @@ import math
 import os
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -224,8 +224,12 @@ def _fit(
     run_dir: str | os.PathLike,
     settings: TrainingSettings,
     started: float,
+    observers: Sequence[keras.callbacks.Callback] = (),
 ) -> RunResult:
-    """Compile and fit `model` with the run's callbacks; summarize the history."""
+    """Compile and fit `model` with the run's callbacks; summarize the history.
+
+    `observers` are extra callbacks that only watch (the notebooks' live figure).
+    """
     if epochs < 1:
         raise ConfigError(f"{phase} epochs must be at least 1, got {epochs}")
     model.compile(
@@ -241,7 +245,7 @@ def _fit(
         train,
         validation_data=val,
         epochs=epochs,
-        callbacks=[*callbacks, keras.callbacks.TerminateOnNaN()],
+        callbacks=[*callbacks, keras.callbacks.TerminateOnNaN(), *observers],
         shuffle=False,  # the training dataset shuffles itself (seeded); Keras cannot shuffle a tf.data pipeline
         verbose=0,
     )
@@ -284,6 +288,7 @@ def train_block(
     class_names: list[str],
     run_dir: str | os.PathLike,
     settings: TrainingSettings,
+    observers: Sequence[keras.callbacks.Callback] = (),
 ) -> RunResult:
     """Train the classification block on the frozen backbone for at most `block_epochs`.
 
@@ -298,11 +303,12 @@ def train_block(
         base.trainable = False
         if settings.feature_cache and settings.cache_dir is not None:
             return _train_head(
-                backbone, model, optimizer, learning_rate, frame, class_names, run_dir, settings, started
+                backbone, model, optimizer, learning_rate, frame, class_names, run_dir, settings, started, observers
             )
         datasets = _datasets(backbone, frame, class_names, settings)
         return _fit(
-            "block", model, optimizer, learning_rate, settings.block_epochs, datasets, run_dir, settings, started
+            "block", model, optimizer, learning_rate, settings.block_epochs, datasets, run_dir, settings, started,
+            observers,
         )
 
 
@@ -316,6 +322,7 @@ def _train_head(
     run_dir: str | os.PathLike,
     settings: TrainingSettings,
     started: float,
+    observers: Sequence[keras.callbacks.Callback],
 ) -> RunResult:
     """The classification block trained on cached features, with the same callbacks and result.
 
@@ -333,7 +340,9 @@ def _train_head(
         features.feature_dataset(val, val_labels, settings.batch_size, False),
     )
     head = features.head_model(model)
-    result = _fit("block", head, optimizer, learning_rate, settings.block_epochs, datasets, run_dir, settings, started)
+    result = _fit(
+        "block", head, optimizer, learning_rate, settings.block_epochs, datasets, run_dir, settings, started, observers
+    )
     head.load_weights(result.weights_path)
     with data.atomic_path(result.weights_path, suffix=".weights.h5") as temporary:
         model.save_weights(temporary)
@@ -361,6 +370,7 @@ def fine_tune(
     class_names: list[str],
     run_dir: str | os.PathLike,
     settings: TrainingSettings,
+    observers: Sequence[keras.callbacks.Callback] = (),
 ) -> RunResult:
     """Fine-tune from the classification block's best weights for at most `finetune_epochs`.
 
@@ -373,7 +383,8 @@ def fine_tune(
         model, base = _load_model(backbone, block_weights, len(class_names), settings)
         set_delimiting_layer(base, delimiting_layer)
         return _fit(
-            "finetune", model, optimizer, learning_rate, settings.finetune_epochs, datasets, run_dir, settings, started
+            "finetune", model, optimizer, learning_rate, settings.finetune_epochs, datasets, run_dir, settings, started,
+            observers,
         )
 
 

@@ -1,0 +1,70 @@
+"""Live feedback while a BO step runs in a notebook: one figure, redrawn every epoch.
+
+The figure is displayed once and then updated in place through its IPython
+display handle, so a search of hundreds of epochs leaves one output, not
+hundreds. Headless runs (papermill, `tlopt run`) do not create it: their
+notebooks draw the final figures from the trial store instead.
+"""
+
+from __future__ import annotations
+
+import keras
+from matplotlib.figure import Figure
+
+
+def in_notebook() -> bool:
+    """Whether a Jupyter kernel (not a plain interpreter or IPython terminal) runs this code."""
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return False
+    shell = get_ipython()
+    return shell is not None and "IPKernelApp" in shell.config
+
+
+class LiveAccuracy(keras.callbacks.Callback):
+    """Validation accuracy per epoch of the running trial (bold) over the finished ones (grey)."""
+
+    def __init__(self, title: str, display=None):
+        super().__init__()
+        self.title = title
+        self.curves: list[tuple[str, list[float]]] = []
+        self.trial = "trial"
+        self._display = display
+        self._handle = None
+
+    def start_trial(self, trial_id: str) -> None:
+        self.trial = trial_id
+
+    def on_train_begin(self, logs=None) -> None:
+        runs_of_trial = sum(1 for label, _ in self.curves if label.startswith(f"{self.trial} "))
+        self.curves.append((f"{self.trial} run {runs_of_trial + 1}", []))
+
+    def on_epoch_end(self, epoch, logs=None) -> None:
+        if logs and "val_accuracy" in logs:
+            self.curves[-1][1].append(float(logs["val_accuracy"]))
+            self.redraw()
+
+    def figure(self) -> Figure:
+        figure = Figure(figsize=(8, 3.5))
+        axis = figure.subplots()
+        for label, values in self.curves[:-1]:
+            axis.plot(range(1, len(values) + 1), values, color="0.7", linewidth=1)
+        if self.curves:
+            label, values = self.curves[-1]
+            axis.plot(range(1, len(values) + 1), values, "-o", color="tab:blue", linewidth=2, label=label)
+            axis.legend(loc="lower right", fontsize="small")
+        axis.set(title=self.title, xlabel="epoch", ylabel="val_accuracy", ylim=(0, 1.02))
+        axis.grid(True, alpha=0.3)
+        return figure
+
+    def redraw(self) -> None:
+        if self._display is None:
+            from IPython.display import display
+
+            self._display = display
+        figure = self.figure()
+        if self._handle is None:
+            self._handle = self._display(figure, display_id=True)
+        else:
+            self._handle.update(figure)
