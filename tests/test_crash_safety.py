@@ -7,8 +7,12 @@ import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
+
+import pytest
 
 from tlopt import store
+from tlopt.params import dump_params, load_params
 
 WRITER = textwrap.dedent(
     """
@@ -66,3 +70,68 @@ def test_atomic_write_replaces_whole_files_only(tmp_path):
     store.atomic_write_json(path, {"a": 2})
     assert json.loads(path.read_text()) == {"a": 2}
     assert os.listdir(tmp_path) == ["best.json"]
+
+
+REPOSITORY = Path(__file__).resolve().parent.parent
+TLOPT = Path(sys.executable).parent / "tlopt"
+
+
+def start_tlopt(*args):
+    """`tlopt run` in its own process group, so that a kill takes its notebook kernel too."""
+    return subprocess.Popen([str(TLOPT), *map(str, args)], cwd=REPOSITORY, start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def trial_lines(run_dir):
+    path = run_dir / store.TRIALS_FILE
+    return path.read_text().splitlines() if path.is_file() else []
+
+
+@pytest.fixture(scope="module")
+def ci_file(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("crash")
+    params = load_params(REPOSITORY / "params" / "ci.yaml",
+                         {"results_dir": str(folder / "results"), "data.root": str(folder / "data")})
+    return dump_params(params, folder / "ci.yaml")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(ci_file):
+    process = start_tlopt("run", ci_file, "--name", "reference", "--strategy", "shared")
+    output, _ = process.communicate(timeout=900)
+    assert process.returncode == 0, output
+    return store.TrialStore(ci_file.parent / "results" / "reference").records()
+
+
+@pytest.mark.slow
+def test_sigkill_in_the_middle_of_a_trial_then_resume(ci_file, uninterrupted):
+    run_dir = ci_file.parent / "results" / "killed"
+    process = start_tlopt("run", ci_file, "--name", "killed", "--strategy", "shared")
+    deadline = time.time() + 600
+    try:
+        # Kill once the second trial has started training: one finished, one half done.
+        while not (run_dir / "runs" / "shared-model-001" / "tensorboard").exists():
+            assert process.poll() is None, process.stdout.read()
+            assert time.time() < deadline, "the second trial never started"
+            time.sleep(0.1)
+        time.sleep(1.0)
+        os.killpg(process.pid, signal.SIGKILL)
+    finally:
+        process.wait(timeout=60)
+    before = [json.loads(line) for line in trial_lines(run_dir)]
+    assert [r["id"] for r in before] in (["shared-model-000"], ["shared-model-000", "shared-model-001"])
+    finished_weights = {r["id"]: Path(r["weights"]).stat().st_mtime_ns for r in before}
+
+    resumed = subprocess.run([str(TLOPT), "run", ci_file, "--resume", run_dir, "--strategy", "shared"],
+                             cwd=REPOSITORY, capture_output=True, text=True, timeout=900)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    after = store.TrialStore(run_dir).records()
+    lines = trial_lines(run_dir)
+    assert len(lines) == len(after) == len({r["id"] for r in after}) == len(uninterrupted)
+    assert [r["id"] for r in after] == [r["id"] for r in uninterrupted]
+    assert {r["id"]: Path(r["weights"]).stat().st_mtime_ns for r in after if r["id"] in finished_weights} == \
+        finished_weights, "a trial that had finished before the kill ran again"
+    # Same seed, same machine: the resumed run suggested and measured what the uninterrupted one did.
+    assert [r["x"] for r in after] == [r["x"] for r in uninterrupted]
+    assert [r["val_accuracy"] for r in after] == [r["val_accuracy"] for r in uninterrupted]
+    assert (run_dir / "report.html").is_file()
