@@ -9,13 +9,12 @@ more than everything after it, so the decoded pixels can be cached on disk once 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
-import tempfile
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,9 +25,11 @@ from PIL import Image
 from sklearn.model_selection import train_test_split
 
 from tlopt.errors import DataError
+from tlopt.store import SPLIT_FILE, atomic_path, atomic_write_json
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif"})
 MANIFEST_COLUMNS = ["path", "label", "group", "split"]
+SUMMARY_FILE = "split_summary.json"
 # The formats tf.io.decode_image reads (MPO is a JPEG with extra frames); PIL opens more
 # (TIFF, WebP, ...), which would fail in training.
 _TF_FORMATS = frozenset({"JPEG", "MPO", "PNG", "BMP", "GIF"})
@@ -106,6 +107,72 @@ def find_bad_images(frame: pd.DataFrame) -> pd.DataFrame:
         reasons = list(pool.map(_image_problem, frame["path"]))
     bad = frame[["path", "label"]].assign(reason=reasons)
     return bad[bad["reason"].notna()].reset_index(drop=True)
+
+
+def non_image_files(root: str | os.PathLike) -> pd.DataFrame:
+    """Files in the class folders that `discover` leaves out (no image extension).
+
+    Listed so that a user learns that a stray file was ignored, not silently dropped.
+    """
+    root = Path(os.path.abspath(root))
+    rows = []
+    for class_dir in sorted(entry for entry in root.iterdir() if entry.is_dir() and not entry.name.startswith(".")):
+        for folder in (class_dir, class_dir / class_dir.name):
+            if not folder.is_dir():
+                continue
+            for entry in sorted(folder.iterdir()):
+                if entry.is_file() and not entry.name.startswith(".") and entry.suffix.lower() not in IMAGE_EXTENSIONS:
+                    rows.append((str(entry), class_dir.name, "not an image file (extension)"))
+    return pd.DataFrame(rows, columns=["path", "label", "reason"])
+
+
+def prepare_split(params: dict, run_dir: str | os.PathLike) -> pd.DataFrame:
+    """The run's split, made once: discover, check every image, split, write split.csv and its summary.
+
+    A run that has its `split.csv` keeps it: resuming must never reshuffle the data.
+    Unreadable files are skipped with a warning that lists them (`data.on_bad_image:
+    skip`) or stop the run (`error`); either way the summary
+    (`split_summary.json`) records them for the report.
+    """
+    run_dir = Path(run_dir)
+    split_file = run_dir / SPLIT_FILE
+    if split_file.is_file():
+        return read_manifest(split_file)
+    settings = params["data"]
+    if settings["demo"]:
+        from tlopt.demo_data import generate_demo_dataset
+
+        generate_demo_dataset(settings["root"], **settings["demo"], seed=params["seed"])
+    images = discover(settings["root"])
+    skipped = pd.concat([non_image_files(settings["root"]), find_bad_images(images)], ignore_index=True)
+    if len(skipped):
+        listing = "; ".join(f"{path} ({reason})" for path, reason in zip(skipped["path"], skipped["reason"]))
+        if settings["on_bad_image"] == "error":
+            raise DataError(
+                f"{len(skipped)} file(s) are not readable images: {listing} "
+                f"(data.on_bad_image: skip leaves them out)"
+            )
+        warnings.warn(f"skipped {len(skipped)} file(s) that are not readable images: {listing}", stacklevel=2)
+        images = images[~images["path"].isin(skipped["path"])]
+    frame = split(images, settings["val_fraction"], settings["test_fraction"], params["seed"],
+                  settings["group_pattern"])
+    write_manifest(frame, split_file)
+    counts = frame.groupby(["label", "split"]).size().unstack(fill_value=0)
+    summary = {
+        "root": settings["root"],
+        "images": len(frame),
+        "classes": class_names(frame),
+        "group_pattern": settings["group_pattern"],
+        "counts": {label: {k: int(v) for k, v in row.items()} for label, row in counts.iterrows()},
+        "skipped": skipped.to_dict("records"),
+    }
+    atomic_write_json(run_dir / SUMMARY_FILE, summary)
+    return read_manifest(split_file)
+
+
+def read_split_summary(run_dir: str | os.PathLike) -> dict:
+    """What `prepare_split` recorded: counts per class and split, and the skipped files."""
+    return json.loads((Path(run_dir) / SUMMARY_FILE).read_text())
 
 
 def _check_fractions(val_fraction: float, test_fraction: float) -> None:
@@ -285,26 +352,6 @@ def _load_image(path: tf.Tensor, image_size: int) -> tf.Tensor:
     image = tf.saturate_cast(tf.round(image), tf.uint8)
     image.set_shape((image_size, image_size, 3))
     return image
-
-
-@contextmanager
-def atomic_path(path: str | os.PathLike, suffix: str = ".tmp") -> Iterator[Path]:
-    """Yield a temporary file next to `path` that replaces `path` when the block succeeds.
-
-    A process killed mid-write leaves a hidden temporary file, never a half-written file
-    under the final name that a later run would take for complete. `suffix` keeps the
-    file type for writers that insist on one (Keras: `.weights.h5`).
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
-    os.close(handle)
-    try:
-        yield Path(temporary)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
 
 
 def files_key(paths: Sequence[str], *extra: object) -> str:

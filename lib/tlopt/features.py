@@ -28,7 +28,7 @@ import numpy as np
 import pandas as pd
 import tensorflow as tf
 
-from tlopt import data
+from tlopt import data, store
 from tlopt.backbones import get_backbone
 
 if TYPE_CHECKING:
@@ -93,7 +93,7 @@ def pooled_features(
     # One predict call for all variants: each call of a new dataset traces the model again.
     every_variant = functools.reduce(tf.data.Dataset.concatenate, map(flipped, variants))
     vectors = extractor.predict(every_variant, verbose=0).astype(np.float32).reshape(len(variants), len(rows), -1)
-    with data.atomic_path(path, suffix=".npy") as temporary:
+    with store.atomic_path(path, suffix=".npy") as temporary:
         np.save(temporary, vectors)
     return vectors
 

@@ -13,6 +13,8 @@ import json
 import os
 import platform
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -29,21 +31,34 @@ ENVIRONMENT_FILE = "environment.json"
 RECORDED_PACKAGES = ("tensorflow", "tensorflow-cpu", "keras", "gpyopt", "gpy", "numpy", "scikit-learn", "tlopt")
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> Path:
-    """Replace `path` with `data` in one rename."""
+@contextmanager
+def atomic_path(path: str | os.PathLike, suffix: str = ".tmp") -> Iterator[Path]:
+    """Yield a temporary file next to `path` that replaces `path` when the block succeeds.
+
+    A process killed mid-write leaves a hidden temporary file, never a half-written file
+    under the final name that a later run would take for complete. `suffix` keeps the
+    file type for writers that insist on one (Keras: `.weights.h5`).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
+    os.close(handle)
     try:
-        with os.fdopen(handle, "wb") as file:
-            file.write(data)
-            file.flush()
-            os.fsync(file.fileno())
+        yield Path(temporary)
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
-    return path
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> Path:
+    """Replace `path` with `data` in one rename, the data on disk before the rename."""
+    with atomic_path(path) as temporary:
+        with open(temporary, "wb") as file:
+            file.write(data)
+            file.flush()
+            os.fsync(file.fileno())
+    return Path(path)
 
 
 def atomic_write_text(path: Path, text: str) -> Path:

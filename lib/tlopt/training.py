@@ -33,7 +33,7 @@ import numpy as np
 import pandas as pd
 import tensorflow as tf
 
-from tlopt import data, features
+from tlopt import data, features, store
 from tlopt.backbones import build_transfer_model, get_backbone, set_delimiting_layer
 from tlopt.callbacks import BEST_WEIGHTS_FILE, NonconvergenceFiltering, run_callbacks
 from tlopt.errors import ConfigError, DataError, TrainingError
@@ -344,7 +344,7 @@ def _train_head(
         "block", head, optimizer, learning_rate, settings.block_epochs, datasets, run_dir, settings, started, observers
     )
     head.load_weights(result.weights_path)
-    with data.atomic_path(result.weights_path, suffix=".weights.h5") as temporary:
+    with store.atomic_path(result.weights_path, suffix=".weights.h5") as temporary:
         model.save_weights(temporary)
     return result
 
