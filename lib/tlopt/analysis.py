@@ -169,17 +169,28 @@ class Evaluation:
 
 def evaluate_final_model(params: dict, run_dir: str | Path, strategy: str, split: str = "val",
                          trainer: ModuleType | Any | None = None) -> Evaluation:
-    """Predict `split` with the strategy's final weights; per-class metrics and confusion matrix."""
+    """Predict `split` with the strategy's final weights; per-class metrics and confusion matrix.
+
+    The predictions are stored (`<strategy>/predictions-<split>.json`) and reused, so the
+    held-out test split is predicted exactly once, after all optimization, however often
+    the analysis runs.
+    """
     from tlopt import training
 
-    trainer = trainer or training
     manifest = data.read_manifest(Path(run_dir) / store.SPLIT_FILE)
     names = data.class_names(manifest)
-    rows = manifest[manifest["split"] == split]
-    final = final_record(run_dir, strategy)
-    settings = training.TrainingSettings.from_params(params)
-    predicted = trainer.predict(final["setup"]["backbone"], final["weights"], rows, names, settings)
-    true = rows["label"].map(names.index).to_numpy()
+    stored = Path(run_dir) / strategy / f"predictions-{split}.json"
+    if stored.is_file():
+        predictions = store.read_json(stored)
+    else:
+        rows = manifest[manifest["split"] == split]
+        final = final_record(run_dir, strategy)
+        settings = training.TrainingSettings.from_params(params)
+        predicted = (trainer or training).predict(final["setup"]["backbone"], final["weights"], rows, names, settings)
+        predictions = {"trial": final["id"], "path": rows["path"].tolist(),
+                       "true": rows["label"].map(names.index).tolist(), "predicted": np.asarray(predicted).tolist()}
+        store.atomic_write_json(stored, predictions)
+    true, predicted = np.asarray(predictions["true"]), np.asarray(predictions["predicted"])
     return Evaluation(
         strategy=strategy,
         split=split,
@@ -254,3 +265,46 @@ def nonconvergence_savings(trials: pd.DataFrame, params: dict) -> pd.DataFrame:
 def split_counts(split: pd.DataFrame) -> pd.DataFrame:
     """Images per class and split, with totals: the table next to the class-count figure."""
     return pd.crosstab(split["label"], split["split"], margins=True, margins_name="total")
+
+
+def failed_trials(trials: pd.DataFrame) -> pd.DataFrame:
+    """The trials that failed, with their error: the report lists them rather than hiding them."""
+    if trials.empty:
+        return pd.DataFrame(columns=["id", "strategy", "step", "error"])
+    return trials.loc[trials["status"] == "failed", ["id", "strategy", "step", "error"]].reset_index(drop=True)
+
+
+def stops_per_strategy(trials: pd.DataFrame) -> pd.DataFrame:
+    """Per strategy and phase, how many runs completed, stopped early, were filtered or failed."""
+    rows = []
+    for phase in PHASES:
+        stopped_by = _phase_column(trials, phase, "stopped_by")
+        ran = stopped_by.notna()
+        rows.append(pd.crosstab(trials.loc[ran, "strategy"], stopped_by[ran]).assign(phase=phase))
+    failed = trials[trials["status"] == "failed"].groupby("strategy").size()
+    table = pd.concat(rows).fillna(0).reset_index().rename(columns={"index": "strategy"})
+    for column in ("completed", "early_stopping", "nonconvergence"):
+        if column not in table:
+            table[column] = 0
+    table["failed_trials"] = table["strategy"].map(failed).fillna(0)
+    columns = ["strategy", "phase", "completed", "early_stopping", "nonconvergence", "failed_trials"]
+    return table[columns].astype({c: int for c in columns[2:]})
+
+
+def split_note(params: dict) -> str | None:
+    """A warning in words when a Nerthus split is not grouped by video (SPEC section 1)."""
+    if "nerthus" in str(params["data"]["root"]).lower() and not params["data"]["group_pattern"]:
+        return (
+            "This Nerthus split is not grouped by video: frames of one video, near-duplicates of each "
+            "other, are in both training and validation, which inflates validation accuracy (the thesis "
+            "reported 1.00). Set data.group_pattern: 'bowel_(\\d+)_' for an honest split."
+        )
+    return None
+
+
+def validation_and_test(evaluations: list[Evaluation]) -> pd.DataFrame:
+    """Each final model's average metrics on validation and on the held-out test split, side by side."""
+    rows = {(e.strategy, e.split): e.metrics.loc[metrics.AVERAGE_ROW, metrics.RATIO_COLUMNS] for e in evaluations}
+    table = pd.DataFrame(rows).T
+    table.index.names = ["strategy", "split"]
+    return table.unstack("split").swaplevel(axis=1).sort_index(axis=1, level=0)
