@@ -37,9 +37,13 @@ from tlopt import data, features, store
 from tlopt.backbones import build_transfer_model, get_backbone, set_delimiting_layer
 from tlopt.callbacks import BEST_WEIGHTS_FILE, NonconvergenceFiltering, run_callbacks
 from tlopt.errors import ConfigError, DataError, TrainingError
+from tlopt.params import THESIS_OPTIMIZERS
+
+# Each trial builds new models, so tf.function retraces by design; its warnings are noise here.
+tf.get_logger().setLevel("ERROR")
 
 # The thesis's optimizers, in its index order (GPyOpt's discrete encoding depends on it).
-OPTIMIZERS: tuple[str, ...] = ("Nadam", "SGD", "RMSprop", "Adagrad", "Adam", "Adamax", "Adadelta")
+OPTIMIZERS: tuple[str, ...] = THESIS_OPTIMIZERS
 
 LOSS = "sparse_categorical_crossentropy"
 
