@@ -56,6 +56,9 @@ BEGIN, END = "<!-- bench:begin (written by bench/run.py) -->", "<!-- bench:end -
 
 BACKBONE = "VGG16"
 HEAD_EPOCHS = 10
+# The whole experiment and the KerasTuner comparison: (random initial points, BO iterations).
+EXPERIMENT_TRIALS = (2, 1)
+KERASTUNER_TRIALS = (2, 2)
 # Five block trials of one backbone, as BO's initial design would draw them.
 HEAD_TRIALS = (("Adam", 1e-3), ("SGD", 1e-2), ("RMSprop", 3e-4), ("Nadam", 2e-3), ("Adagrad", 3e-2))
 
@@ -75,7 +78,8 @@ def machine() -> str:
             f"{date.today().isoformat()}")
 
 
-def side_by_side(repeats: int, first: Callable[[int], float], second: Callable[[int], float]) -> tuple[float, float]:
+def side_by_side(repeats: int, first: Callable[[int], float],
+                 second: Callable[[int], float]) -> tuple[float, float]:
     """Medians of `first(rep)` and `second(rep)` (seconds), run alternately to share the load."""
     times: tuple[list[float], list[float]] = ([], [])
     for rep in range(repeats):
@@ -213,25 +217,25 @@ def trial_overhead(frame: pd.DataFrame, names: list[str], settings: TrainingSett
     return result
 
 
-def experiment(params: dict, frame: pd.DataFrame) -> tuple[float, float, int]:
+def experiment(params: dict, frame: pd.DataFrame) -> tuple[float, float, float, int]:
     """Every strategy and layer optimization of `params` in a new run folder.
 
-    Returns seconds, the best final validation accuracy, and how many cache files
-    (`images-*.npy`, `features-*.npy`) the run folder holds afterwards: none means
-    that the switches did not reach the training runs.
+    Returns wall seconds, CPU seconds of the process, the best final validation
+    accuracy, and how many cache files (`images-*.npy`, `features-*.npy`) the run folder
+    holds afterwards: none means that the switches did not reach the training runs.
     """
     run_dir = store.open_run(params)
     data.write_manifest(frame, run_dir / store.SPLIT_FILE)
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     finals = []
     for strategy in params["strategies"]:
         best = optimize.run_strategy(params, strategy, run_dir=run_dir, progress=False)
         if params["layer_optimization"]["enabled"]:
             best = optimize.run_layer_optimization(params, strategy, run_dir=run_dir, progress=False)
         finals.append(best["val_accuracy"])
-    seconds = time.perf_counter() - started
+    seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
     cache_files = [path for pattern in ("images-*.npy", "features-*.npy") for path in run_dir.rglob(pattern)]
-    return seconds, max(finals), len(cache_files)
+    return seconds, cpu_seconds, max(finals), len(cache_files)
 
 
 def ratio(numerator: float, denominator: float) -> str:
@@ -285,9 +289,8 @@ def main(argv: list[str] | None = None) -> int:
         pipeline = pipeline_epoch(frame, names, settings, args.repeats)
         kvasir_like = demo_params(work, "kvasir-like", {"data.root": str(work / "kvasir-like"),
                                                        "data.demo.image_size": 576, "data.image_size": 299})
-        pipeline_299 = pipeline_epoch(kerastuner_side.demo_split(kvasir_like), names,
-                                      dataclasses.replace(settings, image_size=299, cache_dir=str(work / "cache-299")),
-                                      args.repeats)
+        settings_299 = dataclasses.replace(settings, image_size=299, cache_dir=str(work / "cache-299"))
+        pipeline_299 = pipeline_epoch(kerastuner_side.demo_split(kvasir_like), names, settings_299, args.repeats)
         print(f"classification block, {len(HEAD_TRIALS)} trials ...", flush=True)
         head_on, head_off = head_cache(frame, names, settings, work / "runs", args.repeats)
         print("per-trial overhead ...", flush=True)
@@ -299,17 +302,19 @@ def main(argv: list[str] | None = None) -> int:
             state = "on" if caches else "off"
             print(f"whole experiment, caches {state} ...", flush=True)
             experiments[state] = experiment(demo_params(work, f"experiment-caches-{state}", {
-                "bo.initial_points": 2, "bo.iterations": 1, "strategies": ["shared"],
+                "bo.initial_points": EXPERIMENT_TRIALS[0], "bo.iterations": EXPERIMENT_TRIALS[1],
+                "strategies": ["shared"],
                 "data.image_cache": caches, "training.feature_cache": caches,
             }), frame)
 
-        side = kerastuner_side.comparable(demo_params(work, "kerastuner-side"), initial_points=2, iterations=2)
+        side = kerastuner_side.comparable(demo_params(work, "kerastuner-side"), *KERASTUNER_TRIALS)
         search = kerastuner_side.Search.from_params(side)
         print(f"same search, tlopt and KerasTuner ({search.trials} trials each) ...", flush=True)
         tl = kerastuner_side.run_tlopt(side, frame)
         kt = kerastuner_side.run_kerastuner(search, frame, work / "kerastuner")
 
-    (on_seconds, on_best, on_files), (off_seconds, off_best, _) = experiments["on"], experiments["off"]
+    on_seconds, on_cpu, on_best, on_files = experiments["on"]
+    off_seconds, off_cpu, off_best, _ = experiments["off"]
     rows = [
         "| measurement | tlopt | without / other | ratio | target |",
         "|---|---|---|---|---|",
@@ -320,16 +325,19 @@ def main(argv: list[str] | None = None) -> int:
                                  f"at {size} px"),
         *pipeline_rows(pipeline_299, f"{train_images} Kvasir-sized JPEGs (the demo drawn at 576 px) at 299 px"),
         f"| whole experiment, caches on vs off: params/demo.yaml reduced to strategy `shared` + its layer "
-        f"optimization, 3 + 3 trials; best val accuracy {on_best:.2f} (on) vs {off_best:.2f} (off); "
-        f"{on_files} cache files in the cached run's folder; one run each "
-        f"| {on_seconds:.0f} s | {off_seconds:.0f} s | {ratio(off_seconds, on_seconds)} | |",
+        f"optimization, {sum(EXPERIMENT_TRIALS)} + {sum(EXPERIMENT_TRIALS)} trials; "
+        f"best val accuracy {on_best:.2f} (on) vs {off_best:.2f} (off); "
+        f"{on_files} cache files in the cached run's folder; one run each; CPU time {on_cpu:.0f} s vs "
+        f"{off_cpu:.0f} s ({ratio(off_cpu, on_cpu)}) | {on_seconds:.0f} s | {off_seconds:.0f} s "
+        f"| {ratio(off_seconds, on_seconds)} | |",
         f"| per-trial overhead on the fly: 2 model builds + 2 compiles + first-step tracing vs training "
         f"{block_epochs} block + {finetune_epochs} fine-tuning epochs | {overhead['overhead']:.1f} s "
         f"| {overhead['training']:.1f} s | {overhead['overhead'] / overhead['training']:.2f} | |",
         f"| the same search with KerasTuner `BayesianOptimization` (params/demo.yaml, strategy `joint`, "
         f"{search.trials} trials of at most {search.block_epochs} + {search.finetune_epochs} epochs); "
         f"best val accuracy {tl.best_val_accuracy:.2f} (tlopt) vs {kt.best_val_accuracy:.2f} (KerasTuner); "
-        f"epochs run {tl.epochs} vs {kt.epochs}; one run each "
+        f"epochs run {tl.epochs} vs {kt.epochs}; one run each; CPU time {tl.cpu_seconds:.0f} s vs "
+        f"{kt.cpu_seconds:.0f} s ({ratio(kt.cpu_seconds, tl.cpu_seconds)}) "
         f"| {tl.seconds:.0f} s | {kt.seconds:.0f} s | {ratio(kt.seconds, tl.seconds)} | |",
         f"| the same, time per epoch run | {tl.seconds / tl.epochs:.2f} s | {kt.seconds / kt.epochs:.2f} s "
         f"| {ratio(kt.seconds / kt.epochs, tl.seconds / tl.epochs)} | |",

@@ -33,11 +33,11 @@ class FileWritingTrainer(FakeTrainer):
         writer.close()
         return result
 
-    def train_block(self, backbone, optimizer, learning_rate, frame, class_names, run_dir, settings):
+    def train_block(self, backbone, optimizer, learning_rate, frame, class_names, run_dir, settings, observers=()):
         result = super().train_block(backbone, optimizer, learning_rate, frame, class_names, run_dir, settings)
         return self._files(result, run_dir, "block")
 
-    def fine_tune(self, *args):
+    def fine_tune(self, *args, observers=()):
         return self._files(super().fine_tune(*args), args[-2], "finetune")
 
 
@@ -75,6 +75,8 @@ def test_trials_table_shows_the_decoded_choice_and_the_result(run):
     assert table.index[0] == "shared-model-000"
     assert {"backbone", "optimizer", "learning_rate", "delimiting_layer", "val_accuracy", "stopped_by"} <= set(table)
     assert table.loc["shared-model-000", "backbone"] in ("VGG16", "ResNet50")
+    layers = analysis.trials_table(analysis.strategy_trials(run_dir, "shared", steps=("layers",)))
+    assert list(layers.columns).count("delimiting_layer") == 1 and layers["delimiting_layer"].notna().all()
 
 
 def test_epoch_history_takes_the_wall_clock_from_tensorboard(run):

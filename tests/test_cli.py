@@ -72,6 +72,16 @@ def test_replace_refuses_a_folder_that_is_not_a_run(tmp_path, capsys):
     assert (folder / "thesis.tex").is_file()
 
 
+def test_a_run_folder_in_use_by_another_run_is_refused(tmp_path, capsys):
+    import fcntl
+
+    (tmp_path / "results").mkdir()
+    with open(tmp_path / "results" / ".exp.lock", "w") as other_run:
+        fcntl.flock(other_run, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        code, err = run_cli(capsys, params_file(tmp_path), "--replace")
+    assert code == 2 and err == [f"error: {tmp_path / 'results' / 'exp'} is in use by another `tlopt run`"]
+
+
 def test_name_and_resume_exclude_each_other(tmp_path):
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["run", str(params_file(tmp_path)), "--name", "a", "--resume", "b"])

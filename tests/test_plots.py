@@ -55,6 +55,8 @@ def test_strategy_comparison_tracks_each_strategy_over_all_its_steps():
     assert [line.get_label() for line in left.lines] == ["shared", "joint"]
     assert left.lines[0].get_ydata().tolist() == [0.4, 0.6, 0.8, 0.85]
     assert left.lines[1].get_ydata().tolist() == [0.5, 0.5, 0.7]
+    right = figure.axes[1]
+    assert [text.get_text() for text in right.get_legend().get_texts()] == ["model", "layers"]
 
 
 def history_frame():

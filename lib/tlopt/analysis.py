@@ -7,6 +7,7 @@ can check each table on a small run.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -45,7 +46,7 @@ def strategy_trials(run_dir: str | Path, strategy: str, steps: tuple[str, ...] |
     return rows.reset_index(drop=True)
 
 
-def compared_trials(run_dir: str | Path, other_runs: list[str | Path] = ()) -> pd.DataFrame:
+def compared_trials(run_dir: str | Path, other_runs: Sequence[str | Path] = ()) -> pd.DataFrame:
     """The trials of this run and of other runs (random search on the same data, say), labelled.
 
     `label` is the strategy for this run's trials and `strategy [run name]` for the others'.
@@ -60,7 +61,8 @@ def compared_trials(run_dir: str | Path, other_runs: list[str | Path] = ()) -> p
 def trials_table(trials: pd.DataFrame) -> pd.DataFrame:
     """One row per trial: what BO chose (decoded), the delimiting layer trained, and the result."""
     chosen = [c for c in trials.columns if c.startswith("hyperparameters.") and trials[c].notna().any()]
-    layer = ["setup.delimiting_layer"] if "setup.delimiting_layer" in trials.columns else []
+    searched = "hyperparameters.delimiting_layer" in chosen  # layer optimization chose it
+    layer = ["setup.delimiting_layer"] if "setup.delimiting_layer" in trials.columns and not searched else []
     table = trials[["id", "step", "method", *chosen, *layer, *RESULT_COLUMNS]]
     names = {c: c.removeprefix("hyperparameters.").removeprefix("setup.") for c in chosen + layer}
     return table.rename(columns=names).set_index("id")

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import fcntl
 import os
 import shutil
 import sys
 import threading
 import time
 from pathlib import Path
+from typing import TextIO
 
 from tlopt import store
 from tlopt.errors import TloptError
@@ -35,6 +37,7 @@ STRATEGY_NOTEBOOKS = {
 }
 EXIT_USER_ERROR = 2
 EXIT_NOTEBOOK_FAILED = 1
+EXIT_INTERRUPTED = 130  # the shell's convention for Ctrl-C
 
 
 class NotebookFailed(Exception):
@@ -170,10 +173,25 @@ def execute(source: Path, output: Path, parameters: dict) -> None:
         raise NotebookFailed(f"{source.name}: the kernel died ({error}); executed notebook: {output}") from None
 
 
-def run(args: argparse.Namespace) -> int:
-    with native_stderr_silenced():
-        import tensorflow  # noqa: F401  (validating the parameters imports it; its start-up log stays out)
+def lock_run_dir(run_dir: Path) -> TextIO:
+    """Hold a lock beside the run folder while this process runs it; refuse if another does.
 
+    Two `tlopt run`s on one folder would interleave their trials (and `--replace` would
+    delete the other's folder). The lock file sits beside the folder, so that it outlives a
+    replaced folder, and the operating system releases it when the process ends, however.
+    """
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    handle = open(run_dir.parent / f".{run_dir.name}.lock", "w")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise TloptError(f"{run_dir} is in use by another `tlopt run`") from None
+    return handle
+
+
+def open_run_dir(args: argparse.Namespace) -> tuple[dict, Path, TextIO]:
+    """The run's parameters, folder and lock: a new folder (`--name`, `--replace`) or a resumed one."""
     overrides: dict = {}
     if args.no_nonconvergence_filter:
         overrides["training.nonconvergence.enabled"] = False
@@ -186,43 +204,49 @@ def run(args: argparse.Namespace) -> int:
         overrides["run_name"] = args.name
     params = load_params(args.params, overrides)
     run_dir = store.run_dir_for(params)
+    lock = lock_run_dir(run_dir)
     if not args.resume and run_dir.exists():
         if not args.replace:
             raise TloptError(f"{run_dir} already exists: choose another --name, --resume it or --replace it")
         if any(run_dir.iterdir()) and not (run_dir / store.PARAMS_FILE).is_file():
             raise TloptError(f"refusing to replace {run_dir}: it is not a tlopt run folder")
         shutil.rmtree(run_dir)
-    strategies = params["strategies"] if args.strategy == "all" else [args.strategy]
+    return params, store.open_run(params, run_dir), lock
+
+
+def run(args: argparse.Namespace) -> int:
+    with native_stderr_silenced():
+        import tensorflow  # noqa: F401  (validating the parameters imports it; its start-up log stays out)
+
     if not SOURCE_NOTEBOOKS.is_dir():
         raise TloptError(f"notebooks not found in {SOURCE_NOTEBOOKS}: install tlopt editable from its repository")
     check_kernel()
+    params, run_dir, _lock = open_run_dir(args)  # held until the process ends
     if args.gpus is not None:
         restrict_gpus(args.gpus)
-
-    store.open_run(params, run_dir)
-    notebooks = plan(params, strategies)
+    notebooks = plan(params, params["strategies"] if args.strategy == "all" else [args.strategy])
     started = time.time()
-    rerun = not args.resume
+    executing = not args.resume  # a resumed run executes from its first unfinished notebook on
     printer = TrialPrinter(run_dir)
     printer.start()
     try:
         for number, (name, source, extra) in enumerate(notebooks, start=1):
+            step = f"[{number}/{len(notebooks)}] {name}"
             output = run_dir / NOTEBOOKS_DIR / f"{name}.ipynb"
-            rerun = rerun or not finished(output)
-            if not rerun:
-                print(f"[{number}/{len(notebooks)}] {name}: finished before, skipped", flush=True)
+            executing = executing or not finished(output)
+            if not executing:
+                print(f"{step}: finished before, skipped", flush=True)
                 continue
-            print(f"[{number}/{len(notebooks)}] {name} ...", flush=True)
+            print(f"{step} ...", flush=True)
             output.parent.mkdir(parents=True, exist_ok=True)
             notebook_started = time.time()
             parameters = {"params_file": str(run_dir / store.PARAMS_FILE), "run_dir": str(run_dir), **extra}
             execute(SOURCE_NOTEBOOKS / f"{source}.ipynb", output, parameters)
             printer.print_new()
-            print(f"[{number}/{len(notebooks)}] {name} done in {time.time() - notebook_started:.0f} s", flush=True)
+            print(f"{step} done in {time.time() - notebook_started:.0f} s", flush=True)
     finally:
         printer.stop()
-    report = render_report(run_dir)
-    print(f"report: {report} (run took {time.time() - started:.0f} s)")
+    print(f"report: {render_report(run_dir)} (run took {time.time() - started:.0f} s)")
     return 0
 
 
@@ -262,11 +286,12 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    command_line = parser()
+    args = command_line.parse_args(argv)
     if getattr(args, "replace", False) and args.resume:
-        parser().error("--replace cannot be combined with --resume")
+        command_line.error("--replace cannot be combined with --resume")
     if getattr(args, "gpus", None) is not None and args.gpus < 0:
-        parser().error("--gpus must be 0 or more")
+        command_line.error("--gpus must be 0 or more")
     try:
         return args.handler(args)
     except TloptError as error:
@@ -275,3 +300,6 @@ def main(argv: list[str] | None = None) -> int:
     except NotebookFailed as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_NOTEBOOK_FAILED
+    except KeyboardInterrupt:
+        print("interrupted: continue with `tlopt run PARAMS --resume RUN_DIR`", file=sys.stderr)
+        return EXIT_INTERRUPTED

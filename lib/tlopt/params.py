@@ -285,18 +285,24 @@ def _get(params: dict, dotted: str) -> Any:
 
 
 class BoundsPanel:
-    """Widgets over `PANEL_KEYS` of a loaded parameter file; Save writes a new, validated file.
+    """Widgets over `PANEL_KEYS` of a parameter file; Save writes a new, validated file beside it.
 
-    Headless (`interactive=False`, as `tlopt run` executes the notebooks) no widget is
-    created: the panel shows the file's values as a table and can change nothing.
+    `params_file` is the file the notebook goes on with: the saved one after Save, the
+    original before. Headless (`interactive=False`, as `tlopt run` executes the notebooks)
+    no widget is created: the panel shows the file's values as a table and changes nothing.
     """
 
-    def __init__(self, params: dict, save_to: str | Path, interactive: bool = True):
-        self.params = copy.deepcopy(params)
-        self.save_to = Path(save_to)
+    def __init__(self, params_file: str | Path, interactive: bool = True, save_to: str | Path | None = None):
+        self.source = Path(params_file)
+        self.params = load_params(self.source)
+        self.save_to = Path(save_to) if save_to else self.source.with_name(f"{self.source.stem}_edited.yaml")
         self.interactive = interactive
         self.saved_path: Path | None = None
         self.widgets: dict[str, Any] = self._make_widgets() if interactive else {}
+
+    @property
+    def params_file(self) -> Path:
+        return self.saved_path or self.source
 
     def _make_widgets(self) -> dict[str, Any]:
         import ipywidgets as w
@@ -343,7 +349,8 @@ class BoundsPanel:
 
     def _on_save(self, status: Any) -> None:
         try:
-            status.value = f"Saved {self.save()}: pass it as params_file or to `tlopt run`."
+            status.value = (f"Saved {self.save()} — the cells below use it (a new run_name needs "
+                            f"00_data_split on it first; `tlopt run` runs it all)")
         except ConfigError as error:
             status.value = f"Not saved: {error}"
 
@@ -363,6 +370,9 @@ class BoundsPanel:
         display(w.VBox([*self.widgets.values(), w.HBox([button, status])]))
 
 
-def bounds_panel(params: dict, save_to: str | Path, interactive: bool = True) -> BoundsPanel:
-    """The ipywidgets panel of a notebook: edit bounds and budgets, save a new parameter file."""
-    return BoundsPanel(params, save_to, interactive)
+def bounds_panel(params_file: str | Path, interactive: bool = True, save_to: str | Path | None = None) -> BoundsPanel:
+    """The notebooks' ipywidgets panel: edit bounds and budgets, save a new parameter file.
+
+    `save_to` defaults to `<file>_edited.yaml` beside the parameter file.
+    """
+    return BoundsPanel(params_file, interactive, save_to)

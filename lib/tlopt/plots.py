@@ -11,6 +11,7 @@ import pandas as pd
 import seaborn
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
+from matplotlib.ticker import MaxNLocator
 from PIL import Image
 
 
@@ -166,6 +167,7 @@ def accuracy_by_epoch_figure(history: pd.DataFrame, colour_by: str = "strategy")
             axis.plot(run["epoch"] + 1, run["val_accuracy"], "-o", markersize=3, alpha=0.7,
                       color=_colour(group, groups.index(group)))
         axis.set(title=PHASE_TITLES[phase], xlabel="epoch", ylabel="val_accuracy", ylim=(-0.03, 1.03))
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
         axis.grid(True, alpha=0.3)
     _legend(figure, axes[0], groups)
     return figure
@@ -209,7 +211,7 @@ def strategy_comparison_figure(trials: pd.DataFrame, label_column: str = "strate
              ylabel="best val_accuracy", ylim=(-0.03, 1.03))
     left.grid(True, alpha=0.3)
     left.legend(fontsize="small", loc="lower right")
-    table = pd.DataFrame(best_per_step).T
+    table = pd.DataFrame(best_per_step).T[list(dict.fromkeys(trials["step"]))]
     table.plot.bar(ax=right, rot=15)
     right.set(title="Best validation accuracy per step", ylabel="val_accuracy", ylim=(0, 1.05), xlabel="")
     right.grid(True, axis="y", alpha=0.3)
@@ -224,6 +226,7 @@ def confusion_matrix_figure(confusion: pd.DataFrame, title: str) -> Figure:
     axis = figure.subplots()
     seaborn.heatmap(confusion, annot=True, fmt="d", cmap="Blues", cbar=False, ax=axis, square=True)
     axis.set(title=title, xlabel="predicted", ylabel="true")
+    axis.set_xticklabels(axis.get_xticklabels(), rotation=30, ha="right")
     return figure
 
 
