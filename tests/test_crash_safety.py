@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from tlopt import store
-from tlopt.params import dump_params, load_params
+from conftest import REPOSITORY, TLOPT
 
 WRITER = textwrap.dedent(
     """
@@ -72,10 +72,6 @@ def test_atomic_write_replaces_whole_files_only(tmp_path):
     assert os.listdir(tmp_path) == ["best.json"]
 
 
-REPOSITORY = Path(__file__).resolve().parent.parent
-TLOPT = Path(sys.executable).parent / "tlopt"
-
-
 def start_tlopt(*args):
     """`tlopt run` in its own process group, so that a kill takes its notebook kernel too."""
     return subprocess.Popen([str(TLOPT), *map(str, args)], cwd=REPOSITORY, start_new_session=True,
@@ -87,24 +83,11 @@ def trial_lines(run_dir):
     return path.read_text().splitlines() if path.is_file() else []
 
 
-@pytest.fixture(scope="module")
-def ci_file(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("crash")
-    params = load_params(REPOSITORY / "params" / "ci.yaml",
-                         {"results_dir": str(folder / "results"), "data.root": str(folder / "data")})
-    return dump_params(params, folder / "ci.yaml")
-
-
-@pytest.fixture(scope="module")
-def uninterrupted(ci_file):
-    process = start_tlopt("run", ci_file, "--name", "reference", "--strategy", "shared")
-    output, _ = process.communicate(timeout=900)
-    assert process.returncode == 0, output
-    return store.TrialStore(ci_file.parent / "results" / "reference").records()
-
-
 @pytest.mark.slow
-def test_sigkill_in_the_middle_of_a_trial_then_resume(ci_file, uninterrupted):
+def test_sigkill_in_the_middle_of_a_trial_then_resume(ci_params, finished_run):
+    """Killed mid-trial and resumed, the run equals the uninterrupted one (same seed)."""
+    ci_file = ci_params
+    uninterrupted = store.TrialStore(finished_run[0]).records()
     run_dir = ci_file.parent / "results" / "killed"
     process = start_tlopt("run", ci_file, "--name", "killed", "--strategy", "shared")
     deadline = time.time() + 600

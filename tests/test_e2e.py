@@ -1,19 +1,16 @@
 """`tlopt run params/ci.yaml` end to end, as a user runs it: the results layout, the report, resume."""
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import nbformat
 import pytest
 
+from conftest import REPOSITORY, run_tlopt
 from tlopt.params import dump_params, load_params
 
 pytestmark = pytest.mark.slow
 
-REPOSITORY = Path(__file__).resolve().parent.parent
-TLOPT = Path(sys.executable).parent / "tlopt"
 NOTEBOOKS = ["00_data_split", "01_shared_strategy", "04_layer_optimization-shared", "05_analysis"]
 REPORT_SECTIONS = [
     "00 · Data split", "Sample images per class",
@@ -24,26 +21,6 @@ REPORT_SECTIONS = [
     "Final models: per-class metrics and confusion matrices", "Comparison with the dataset paper",
     "Time per strategy", "Nonconvergence filtering", "Environment",
 ]
-
-
-def tlopt(*args):
-    return subprocess.run([str(TLOPT), *map(str, args)], capture_output=True, text=True, cwd=REPOSITORY)
-
-
-@pytest.fixture(scope="module")
-def ci_params(tmp_path_factory):
-    """params/ci.yaml with its data and results in a temporary folder."""
-    folder = tmp_path_factory.mktemp("e2e")
-    params = load_params(REPOSITORY / "params" / "ci.yaml",
-                         {"results_dir": str(folder / "results"), "data.root": str(folder / "data")})
-    return dump_params(params, folder / "ci.yaml")
-
-
-@pytest.fixture(scope="module")
-def finished_run(ci_params):
-    result = tlopt("run", ci_params, "--name", "e2e", "--strategy", "shared")
-    assert result.returncode == 0, result.stderr
-    return ci_params.parent / "results" / "e2e", result
 
 
 def test_the_run_writes_every_file_of_the_results_layout(finished_run):
@@ -91,7 +68,7 @@ def test_resume_of_a_finished_run_does_no_new_work(finished_run, ci_params):
     run_dir, _ = finished_run
     before = {path: path.stat().st_mtime_ns for path in run_dir.rglob("*") if path.is_file() and path.name != "report.html"}
 
-    result = tlopt("run", ci_params, "--resume", run_dir, "--strategy", "shared")
+    result = run_tlopt("run", ci_params, "--resume", run_dir, "--strategy", "shared")
 
     assert result.returncode == 0, result.stderr
     assert result.stdout.count("finished before, skipped") == len(NOTEBOOKS)
@@ -104,7 +81,7 @@ def test_a_failing_notebook_stops_the_run_and_keeps_what_it_wrote(tmp_path):
     params = load_params(REPOSITORY / "params" / "ci.yaml",
                          {"results_dir": str(tmp_path / "results"), "data.root": str(tmp_path / "nothing"),
                           "data.demo": None})
-    result = tlopt("run", dump_params(params, tmp_path / "broken.yaml"), "--name", "broken")
+    result = run_tlopt("run", dump_params(params, tmp_path / "broken.yaml"), "--name", "broken")
 
     assert result.returncode == 1
     [line] = result.stderr.strip().splitlines()

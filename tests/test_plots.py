@@ -47,6 +47,8 @@ def test_bo_progress_has_a_panel_per_step_and_the_best_so_far():
     assert titles == ["shared / model", "shared / layers", "joint / model"]
     best_line = figure.axes[0].lines[0]
     assert best_line.get_ydata().tolist() == [0.4, 0.6, 0.8]
+    legend = [text.get_text() for text in figure.axes[0].get_legend().get_texts()]
+    assert legend == ["initial", "bayesian", "best so far"], "no entry for a method that did not run"
 
 
 def test_strategy_comparison_tracks_each_strategy_over_all_its_steps():

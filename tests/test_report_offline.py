@@ -5,8 +5,6 @@ The check reads the page as a browser would: every `src`, every `<link href>`, a
 """
 
 import re
-import subprocess
-import sys
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -14,11 +12,9 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
-from tlopt.params import dump_params, load_params
+from conftest import REPOSITORY
 from tlopt.report import render_report
 
-REPOSITORY = Path(__file__).resolve().parent.parent
-TLOPT = Path(sys.executable).parent / "tlopt"
 CSS_COMMENT = re.compile(r"/\*.*?\*/", re.DOTALL)
 CSS_URL = re.compile(r"""@import\s+['"]([^'"]+)['"]|url\(\s*['"]?([^'")\s]+)""")
 
@@ -79,19 +75,10 @@ def test_the_check_finds_every_kind_of_fetch():
 
 
 @pytest.mark.slow
-def test_the_report_of_a_run_fetches_nothing(tmp_path):
-    """A real `tlopt run` (00, 01 shared, 05 at the smallest size): its tables, figures and styles."""
-    params = load_params(REPOSITORY / "params" / "ci.yaml", {
-        "results_dir": str(tmp_path / "results"), "data.root": str(tmp_path / "data"),
-        "layer_optimization.enabled": False, "training.block_epochs": 1, "training.finetune_epochs": 1,
-        "bo.iterations": 0,
-    })
-    result = subprocess.run([str(TLOPT), "run", str(dump_params(params, tmp_path / "tiny.yaml")),
-                             "--name", "offline", "--strategy", "shared"],
-                            capture_output=True, text=True, cwd=REPOSITORY)
-    assert result.returncode == 0, result.stderr
-
-    html = (tmp_path / "results" / "offline" / "report.html").read_text()
+def test_the_report_of_a_run_fetches_nothing(finished_run):
+    """The report of a real `tlopt run` (tests/conftest.py): its tables, figures and styles."""
+    run_dir, _ = finished_run
+    html = (run_dir / "report.html").read_text()
 
     assert fetched_urls(html) == []
     assert "<script" not in html
