@@ -6,7 +6,6 @@ The check reads the page as a browser would: every `src`, every `<link href>`, a
 
 import re
 from html.parser import HTMLParser
-from pathlib import Path
 
 import nbformat
 import pytest

@@ -142,6 +142,8 @@ def bo_progress_figure(trials: pd.DataFrame) -> Figure:
         numbers = rows["index"].to_numpy() + 1
         for method, colour in METHOD_COLOURS.items():
             chosen = (rows["method"] == method).to_numpy()
+            if not chosen.any():
+                continue
             ok = (rows["status"] == "ok").to_numpy()
             axis.scatter(numbers[chosen & ok], accuracy[chosen & ok], color=colour, label=method, zorder=3)
             axis.scatter(numbers[chosen & ~ok], accuracy[chosen & ~ok], color=colour, marker="x", zorder=3)
@@ -152,7 +154,7 @@ def bo_progress_figure(trials: pd.DataFrame) -> Figure:
         axis.set(title=f"{strategy} / {step}", xlabel="trial", ylabel="val_accuracy", ylim=(-0.03, 1.03))
         axis.set_xticks(numbers)
         axis.grid(True, alpha=0.3)
-        axis.legend(fontsize="small", loc="lower right")
+        axis.legend(fontsize="small", loc="best")
     return figure
 
 
