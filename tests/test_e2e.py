@@ -20,6 +20,7 @@ REPORT_SECTIONS = [
     "Validation accuracy of every run against wall-clock time", "Strategy comparison", "Best hyperparameters",
     "Final models: per-class metrics and confusion matrices", "Comparison with the dataset paper",
     "Time per strategy", "Nonconvergence filtering", "Environment",
+    "Validation and held-out test, side by side", "Failed trials and stopped runs",
 ]
 
 
