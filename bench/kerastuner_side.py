@@ -38,7 +38,6 @@ import pandas as pd
 
 from tlopt import data, optimize, store
 from tlopt.backbones import build_transfer_model, get_backbone, set_delimiting_layer
-from tlopt.demo_data import generate_demo_dataset
 from tlopt.params import load_params, validate
 from tlopt.training import LOSS, make_optimizer
 
@@ -216,20 +215,13 @@ def run_kerastuner(search: Search, split_frame: pd.DataFrame, directory: Path) -
     return SearchResult(seconds, cpu_seconds, best, len(trials), epochs)
 
 
-def demo_split(params: dict) -> pd.DataFrame:
-    """Generate the demo dataset of `params` (data.demo) and split it as notebook 00 does."""
-    root = generate_demo_dataset(params["data"]["root"], **params["data"]["demo"], seed=params["seed"])
-    return data.split(data.discover(root), params["data"]["val_fraction"], params["data"]["test_fraction"],
-                      params["seed"], params["data"]["group_pattern"])
-
-
 def main() -> int:
     with tempfile.TemporaryDirectory(prefix="tlopt-kt-") as work:
         work = Path(work)
         demo = load_params(DEMO_PARAMS, {"results_dir": str(work), "data.root": str(work / "demo")})
         params = comparable(demo, initial_points=2, iterations=2)
         search = Search.from_params(params)
-        frame = demo_split(params)
+        frame = data.prepare_split(params, work / "split")
         tlopt_side = run_tlopt(params, frame)
         kerastuner = run_kerastuner(search, frame, work / "kerastuner")
     print(f"{search.trials} trials of at most {search.block_epochs} block + {search.finetune_epochs} "

@@ -275,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="tlopt-bench-") as work:
         work = Path(work)
         demo = demo_params(work, "demo")
-        frame = kerastuner_side.demo_split(demo)
+        frame = data.prepare_split(demo, work / "split")
         names = data.class_names(frame)
         train_images = int((frame["split"] == "train").sum())
         head = demo_params(work, "head", {
@@ -290,7 +290,8 @@ def main(argv: list[str] | None = None) -> int:
         kvasir_like = demo_params(work, "kvasir-like", {"data.root": str(work / "kvasir-like"),
                                                        "data.demo.image_size": 576, "data.image_size": 299})
         settings_299 = dataclasses.replace(settings, image_size=299, cache_dir=str(work / "cache-299"))
-        pipeline_299 = pipeline_epoch(kerastuner_side.demo_split(kvasir_like), names, settings_299, args.repeats)
+        pipeline_299 = pipeline_epoch(data.prepare_split(kvasir_like, work / "split-299"), names, settings_299,
+                                      args.repeats)
         print(f"classification block, {len(HEAD_TRIALS)} trials ...", flush=True)
         head_on, head_off = head_cache(frame, names, settings, work / "runs", args.repeats)
         print("per-trial overhead ...", flush=True)
