@@ -70,6 +70,9 @@ def test_atomic_write_replaces_whole_files_only(tmp_path):
     store.atomic_write_json(path, {"a": 2})
     assert json.loads(path.read_text()) == {"a": 2}
     assert os.listdir(tmp_path) == ["best.json"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask, "run files must be readable by others"
 
 
 def start_tlopt(*args):
