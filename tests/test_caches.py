@@ -231,18 +231,32 @@ def test_head_trained_from_the_cache_matches_the_on_the_fly_run(runs, manifest):
 
 
 @pytest.mark.slow
-def test_head_run_writes_the_files_of_an_on_the_fly_run(runs, manifest):
-    frame, names = manifest
+def test_head_run_writes_the_files_of_an_on_the_fly_run(runs):
     cached = runs["cached"]
     block = os.path.dirname(cached.weights_path)
     history = pd.read_csv(os.path.join(block, "history.csv"))
     assert list(history["epoch"]) == list(range(cached.epochs))
     assert set(history.columns) == {"epoch", "accuracy", "loss", "val_accuracy", "val_loss"}
     assert os.listdir(os.path.join(block, "..", "tensorboard", "block"))
-    # The checkpoint holds the whole transfer model, so that prediction and fine-tuning read it as usual.
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", ["on_the_fly", "cached"])
+def test_block_checkpoint_is_the_dense_layer_at_its_best_epoch(runs, manifest, path):
+    """The transfer model as a run builds it (seeded), with the checkpoint's Dense layer, scores the best epoch."""
+    frame, names = manifest
+    result = runs[path]
+    keras.utils.set_random_seed(SETTINGS.seed)
+    model, _ = build_transfer_model(BACKBONE, len(names), SIZE, None)
+    head = features.head_of(model)
+    head.load_weights(result.weights_path)
+    assert [weight.path for weight in head.weights] == ["predictions/kernel", "predictions/bias"]
+
     val = frame[frame["split"] == "val"]
-    predicted = predict(BACKBONE, cached.weights_path, val, names, SETTINGS)
-    assert np.mean(predicted == data.label_indices(val, names)) == pytest.approx(cached.val_accuracy, abs=1 / len(val))
+    images = data.make_dataset(val, names, SIZE, 16, get_backbone(BACKBONE).preprocess_input, False)
+    predicted = np.argmax(model.predict(images, verbose=0), axis=1)
+    assert np.mean(predicted == data.label_indices(val, names)) == pytest.approx(result.val_accuracy, abs=1e-6)
+    keras.backend.clear_session()
 
 
 @pytest.mark.slow
@@ -265,7 +279,8 @@ def test_feature_and_image_caches_are_shared_by_later_trials(runs, manifest, tmp
     frame, names = manifest
     settings = runs["settings"]
     files = _cache_files(settings.cache_dir)
-    assert sorted(name.split("-")[0] for name in files) == ["features", "features", "images"]  # train and val features
+    # train and val features, the Dense layer's initial weights, the images
+    assert sorted(name.split("-")[0] for name in files) == ["features", "features", "head", "images"]
 
     other = train_block(BACKBONE, "SGD", 0.05, frame, names, tmp_path, settings)
 
@@ -307,6 +322,7 @@ def test_mixed_precision_on_a_gpu_sets_the_policy_for_the_run_only(manifest, tmp
     assert policies[0] == "mixed_float16" and keras.mixed_precision.global_policy().name == "float32"
     assert np.isfinite(result.history[0]["loss"]) and result.val_accuracy > 0
     model, _ = build_transfer_model(BACKBONE, len(names), SIZE, None)
-    model.load_weights(result.weights_path)  # float32 weights, as under the float32 policy
-    assert {weight.dtype for weight in model.weights} == {"float32"}
+    head = features.head_of(model)
+    head.load_weights(result.weights_path)  # float32 weights, as under the float32 policy
+    assert {weight.dtype for weight in head.weights} == {"float32"}
     keras.backend.clear_session()

@@ -119,8 +119,9 @@ def _by_type(callbacks):
 def test_run_callbacks_are_the_thesis_list(tmp_path):
     settings = TrainingSettings(early_stopping_patience=4, nonconvergence_threshold=0.3, nonconvergence_patience=2)
     callbacks = _by_type(run_callbacks(tmp_path / "block", tmp_path / "tensorboard" / "block", settings))
-    assert set(callbacks) == {"CSVLogger", "ModelCheckpoint", "TensorBoard", "EarlyStopping", "NonconvergenceFiltering"}
-    checkpoint = callbacks["ModelCheckpoint"]
+    assert set(callbacks) == {"CSVLogger", "BestWeights", "TensorBoard", "EarlyStopping", "NonconvergenceFiltering"}
+    checkpoint = callbacks["BestWeights"]
+    assert isinstance(checkpoint, keras.callbacks.ModelCheckpoint)
     assert checkpoint.filepath == str(tmp_path / "block" / "best.weights.h5")
     assert (checkpoint.monitor, checkpoint.mode) == ("val_accuracy", "max")
     assert checkpoint.save_best_only and checkpoint.save_weights_only

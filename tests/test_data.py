@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import tensorflow as tf
 from PIL import Image
 
 from tlopt import data
@@ -413,6 +414,20 @@ def test_training_dataset_shuffles_each_epoch_and_flips(pixel_frame):
 
     assert orders[0] != sorted(orders[0]) and orders[0] != orders[1] != orders[2]
     assert variants == {"none", "horizontal", "vertical", "both"}
+
+
+def test_every_flip_function_flips_the_same_way():
+    """flip_images with a variant per image or one for the batch, and flip_array (the image cache's)."""
+    images = np.arange(4 * 3 * 5 * 1, dtype=np.uint8).reshape(4, 3, 5, 1)
+    expected = np.stack([images[0], images[1, :, ::-1], images[2, ::-1], images[3, ::-1, ::-1]])
+    variants = np.arange(4)
+    np.testing.assert_array_equal(data.flip_images(tf.constant(images), variants).numpy(), expected)
+    np.testing.assert_array_equal(data.flip_array(images.copy(), variants), expected)
+    for variant in variants:
+        whole_batch = data.flip_images(tf.constant(images), int(variant)).numpy()
+        np.testing.assert_array_equal(whole_batch, data.flip_images(tf.constant(images), [variant] * 4).numpy())
+    draws = tf.constant([-5, -1, 0, 6, 2**40 + 3], tf.int64)  # a draw's variant is the draw modulo 4
+    assert data.flip_variants(draws).numpy().tolist() == [3, 3, 0, 2, 3]
 
 
 def test_training_dataset_is_reproducible_by_seed(pixel_frame):

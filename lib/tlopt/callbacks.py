@@ -73,28 +73,41 @@ class NonconvergenceFiltering(keras.callbacks.Callback):
             self.wait += 1
 
 
+class BestWeights(keras.callbacks.ModelCheckpoint):
+    """The weights at the best validation accuracy, of the model that trains or of `checkpointed`.
+
+    `checkpointed` shares layers with the model that trains: the classification block's
+    checkpoint is its Dense layer alone, whether the whole transfer model trains (on the
+    fly) or the Dense layer alone (cached features), and it is small to write.
+    """
+
+    def __init__(self, filepath: str, checkpointed: keras.Model | None = None) -> None:
+        super().__init__(filepath, monitor="val_accuracy", mode="max", save_best_only=True, save_weights_only=True)
+        self.checkpointed = checkpointed
+
+    def set_model(self, model: keras.Model) -> None:
+        super().set_model(model if self.checkpointed is None else self.checkpointed)
+
+
 def run_callbacks(
-    phase_dir: str | os.PathLike, tensorboard_dir: str | os.PathLike, settings: TrainingSettings
+    phase_dir: str | os.PathLike,
+    tensorboard_dir: str | os.PathLike,
+    settings: TrainingSettings,
+    checkpointed: keras.Model | None = None,
 ) -> list[keras.callbacks.Callback]:
     """The callbacks of one run (classification block or fine-tuning).
 
     `phase_dir` receives `history.csv` (per-epoch scalars) and `best.weights.h5` (the
-    whole model's weights at the best validation accuracy); `tensorboard_dir` the
-    TensorBoard event files (scalars only: no graph, no profiling, which cost seconds per
-    run). EarlyStopping watches validation accuracy; nonconvergence filtering is added
-    when `settings.nonconvergence` is on.
+    weights of `checkpointed`, by default the model that trains, at the best validation
+    accuracy); `tensorboard_dir` the TensorBoard event files (scalars only: no graph, no
+    profiling, which cost seconds per run). EarlyStopping watches validation accuracy;
+    nonconvergence filtering is added when `settings.nonconvergence` is on.
     """
     phase_dir = Path(phase_dir)
     phase_dir.mkdir(parents=True, exist_ok=True)
     callbacks = [
         keras.callbacks.CSVLogger(str(phase_dir / HISTORY_FILE)),
-        keras.callbacks.ModelCheckpoint(
-            str(phase_dir / BEST_WEIGHTS_FILE),
-            monitor="val_accuracy",
-            mode="max",
-            save_best_only=True,
-            save_weights_only=True,
-        ),
+        BestWeights(str(phase_dir / BEST_WEIGHTS_FILE), checkpointed),
         keras.callbacks.TensorBoard(log_dir=str(tensorboard_dir), write_graph=False, profile_batch=0),
         keras.callbacks.EarlyStopping(monitor="val_accuracy", mode="max", patience=settings.early_stopping_patience),
     ]

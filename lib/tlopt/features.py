@@ -13,7 +13,8 @@ a few matrix products instead of a pass of the backbone over every image.
 Cache files: `<cache_dir>/features-<backbone>-<key>.npy`, float32 of shape
 (variants, rows, features); the key covers the backbone, its weights (the seed for random
 weights), the image size, the pooling, the precision policy, the flip variants and the
-rows' image files in order.
+rows' image files in order. Beside them `head-<backbone>-<key>.npz`, the Dense layer's
+initial weights, so that later trials build the Dense layer alone.
 """
 
 from __future__ import annotations
@@ -98,15 +99,62 @@ def pooled_features(
     return vectors
 
 
-def head_model(model: keras.Model) -> keras.Model:
-    """A model of the transfer model's Dense layer alone, on pooled feature vectors.
+def initial_head_path(backbone: str, num_classes: int, settings: TrainingSettings) -> Path:
+    """Where the Dense layer's initial weights, as every new transfer model of `backbone` has them, are kept."""
+    key = data.files_key(
+        [], backbone, _weights_identity(settings.weights, settings.seed), num_classes, settings.pooling
+    )
+    return Path(settings.cache_dir) / f"head-{backbone}-{key}.npz"
 
-    It shares the layer (and so its weights) with `model`: whatever the head learns is in
-    `model` too.
+
+def keep_initial_head(model: keras.Model, backbone: str, settings: TrainingSettings) -> None:
+    """Keep the Dense layer's weights of `model`, a new transfer model, in the cache folder.
+
+    Every run seeds Keras first, so every new transfer model of one backbone starts with
+    the same Dense weights, which depend on everything built before that layer. Kept
+    with the features, they let a run that reads cached features start from them
+    without building the backbone (`initial_head_weights`).
     """
     dense = model.get_layer("predictions")
-    inputs = keras.Input(shape=(model.get_layer("pool").output.shape[-1],), name="features")
-    return keras.Model(inputs, dense(inputs), name=f"{model.name}_head")
+    path = initial_head_path(backbone, dense.units, settings)
+    if not path.is_file():
+        kernel, bias = dense.get_weights()
+        with store.atomic_path(path, suffix=".npz") as temporary:
+            np.savez(temporary, kernel=kernel, bias=bias)
+
+
+def initial_head_weights(backbone: str, num_classes: int, settings: TrainingSettings) -> list[np.ndarray]:
+    """The Dense layer's initial weights (kernel, bias) that `keep_initial_head` kept."""
+    with np.load(initial_head_path(backbone, num_classes, settings)) as stored:
+        return [stored["kernel"], stored["bias"]]
+
+
+def head_model(dense: keras.layers.Dense, width: int) -> keras.Model:
+    """A model of the classification block's Dense layer alone, on pooled feature vectors of `width`.
+
+    Given the Dense layer of a transfer model, it shares the layer (and so its weights)
+    with that model: whatever the head learns or loads is in the transfer model too. Its
+    weights file is the classification block's checkpoint.
+    """
+    inputs = keras.Input(shape=(width,), name="features")
+    return keras.Model(inputs, dense(inputs), name="classification_block")
+
+
+def head_of(model: keras.Model) -> keras.Model:
+    """`head_model` of a transfer model's own Dense layer."""
+    return head_model(model.get_layer("predictions"), model.get_layer("pool").output.shape[-1])
+
+
+def new_head(initial_weights: list[np.ndarray]) -> keras.Model:
+    """A head of its own (no backbone built) with the given Dense weights (kernel, bias).
+
+    Float32 like the transfer model's Dense layer, also under mixed precision.
+    """
+    kernel, bias = initial_weights
+    dense = keras.layers.Dense(kernel.shape[1], activation="softmax", name="predictions", dtype="float32")
+    head = head_model(dense, kernel.shape[0])
+    dense.set_weights(initial_weights)
+    return head
 
 
 def feature_dataset(
@@ -115,14 +163,15 @@ def feature_dataset(
     """Batches of (feature vectors, int32 labels) from `vectors` of shape (variants, rows, features).
 
     Training: rows and flip variants from `data.epoch_rows` (so `vectors` holds all four
-    variants); otherwise rows in order, variant 0.
+    variants); otherwise rows in order, variant 0. In memory and with at most one `map`:
+    the cost of starting each epoch's iterator is most of a cached epoch's.
     """
-    labels = tf.constant(labels)
-    width = vectors.shape[-1]
+    if not training:
+        return tf.data.Dataset.from_tensor_slices((vectors[0], labels)).batch(batch_size)
+    vectors, labels = tf.constant(vectors), tf.constant(labels)
 
-    def read(rows: tf.Tensor, variants: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-        batch = tf.numpy_function(lambda r, v: vectors[v, r], [rows, variants], tf.float32, stateful=False)
-        return tf.ensure_shape(batch, (None, width)), tf.gather(labels, rows)
+    def read(rows: tf.Tensor, draws: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        variants = tf.cast(data.flip_variants(draws), tf.int64)
+        return tf.gather_nd(vectors, tf.stack([variants, rows], axis=1)), tf.gather(labels, rows)
 
-    rows = data.epoch_rows(vectors.shape[1], training, seed).batch(batch_size)
-    return rows.map(read, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
+    return data.epoch_rows(vectors.shape[1], training, seed).batch(batch_size).map(read)

@@ -1,17 +1,17 @@
 """One training run: the classification block on a frozen backbone, or fine-tuning from it.
 
 Each run seeds Keras and makes TensorFlow's ops deterministic first, so that two runs
-with the same settings give the same history on a CPU, and frees the Keras session
-afterwards (also when it fails), because a search trains many models in one process and
-Keras keeps every graph otherwise.
+with the same settings give the same history on a CPU (and every new model of a backbone
+the same initial weights), and frees the Keras session afterwards (also when it fails),
+because a search trains many models in one process and Keras keeps every graph otherwise.
 
 With a cache folder (`TrainingSettings.cache_dir`) a run reads decoded images from the
 image cache (`data.cache_images`) and trains the classification block on cached pooled
 features (`tlopt.features`); the results are those of the on-the-fly path, only sooner.
 
 Files of a run (`run_dir`):
-    block/history.csv, block/best.weights.h5          classification block
-    finetune/history.csv, finetune/best.weights.h5    fine-tuning
+    block/history.csv, block/best.weights.h5          classification block (its Dense layer's weights)
+    finetune/history.csv, finetune/best.weights.h5    fine-tuning (the whole model's weights)
     tensorboard/block/, tensorboard/finetune/         TensorBoard event files
 """
 
@@ -33,7 +33,7 @@ import numpy as np
 import pandas as pd
 import tensorflow as tf
 
-from tlopt import data, features, store
+from tlopt import data, features
 from tlopt.backbones import build_transfer_model, get_backbone, set_delimiting_layer
 from tlopt.callbacks import BEST_WEIGHTS_FILE, NonconvergenceFiltering, run_callbacks
 from tlopt.errors import ConfigError, DataError, TrainingError
@@ -41,6 +41,12 @@ from tlopt.params import THESIS_OPTIMIZERS
 
 # Each trial builds new models, so tf.function retraces by design; its warnings are noise here.
 tf.get_logger().setLevel("ERROR")
+
+# TensorFlow and Keras make about a million objects at import that live as long as the
+# process. The full garbage collection that frees a run's models (in clear_session) walked
+# them all after every run: 0.25 s a run on 2 cores, as much as a cached classification
+# block's training. Frozen, they are out of the collector's sight (measured: 0.01 s).
+gc.freeze()
 
 # The thesis's optimizers, in its index order (GPyOpt's discrete encoding depends on it).
 OPTIMIZERS: tuple[str, ...] = THESIS_OPTIMIZERS
@@ -181,8 +187,7 @@ def _run_scope(settings: TrainingSettings) -> Iterator[None]:
         yield
     finally:
         keras.mixed_precision.set_global_policy(policy)
-        keras.backend.clear_session()
-        gc.collect()
+        keras.backend.clear_session()  # and a full garbage collection
 
 
 def _build(
@@ -229,10 +234,13 @@ def _fit(
     settings: TrainingSettings,
     started: float,
     observers: Sequence[keras.callbacks.Callback] = (),
+    checkpointed: keras.Model | None = None,
 ) -> RunResult:
     """Compile and fit `model` with the run's callbacks; summarize the history.
 
     `observers` are extra callbacks that only watch (the notebooks' live figure).
+    `checkpointed`: the model whose weights the checkpoint keeps, one that shares layers
+    with `model` (the classification block's Dense layer alone); `model` by default.
     """
     if epochs < 1:
         raise ConfigError(f"{phase} epochs must be at least 1, got {epochs}")
@@ -243,7 +251,7 @@ def _fit(
         jit_compile=settings.jit_compile and _on_gpu("training.jit_compile", "Keras compiles without XLA"),
     )
     phase_dir = Path(run_dir) / phase
-    callbacks = run_callbacks(phase_dir, Path(run_dir) / "tensorboard" / phase, settings)
+    callbacks = run_callbacks(phase_dir, Path(run_dir) / "tensorboard" / phase, settings, checkpointed)
     train, val = datasets
     fitted = model.fit(
         train,
@@ -296,29 +304,28 @@ def train_block(
 ) -> RunResult:
     """Train the classification block on the frozen backbone for at most `block_epochs`.
 
-    `frame` is the split manifest (its train rows fit, its val rows validate). The best
-    weights by validation accuracy are the whole model's, so that fine-tuning starts from
-    them. With `feature_cache` (and a `cache_dir`) the Dense layer trains on cached pooled
-    features instead of running the frozen backbone in every epoch.
+    `frame` is the split manifest (its train rows fit, its val rows validate). The
+    checkpoint keeps the Dense layer's weights at the best validation accuracy; the
+    backbone's are those it starts with (`settings.weights`), which fine-tuning builds
+    again. With `feature_cache` (and a `cache_dir`) the Dense layer trains on cached
+    pooled features instead of running the frozen backbone in every epoch.
     """
     with _run_scope(settings):
         started = time.perf_counter()
+        if settings.feature_cache and settings.cache_dir is not None:
+            return _train_head(backbone, optimizer, learning_rate, frame, class_names, run_dir, settings, started,
+                               observers)
         model, base = _build(backbone, len(class_names), settings, settings.weights)
         base.trainable = False
-        if settings.feature_cache and settings.cache_dir is not None:
-            return _train_head(
-                backbone, model, optimizer, learning_rate, frame, class_names, run_dir, settings, started, observers
-            )
         datasets = _datasets(backbone, frame, class_names, settings)
         return _fit(
             "block", model, optimizer, learning_rate, settings.block_epochs, datasets, run_dir, settings, started,
-            observers,
+            observers, checkpointed=features.head_of(model),
         )
 
 
 def _train_head(
     backbone: str,
-    model: keras.Model,
     optimizer: str,
     learning_rate: float,
     frame: pd.DataFrame,
@@ -330,33 +337,41 @@ def _train_head(
 ) -> RunResult:
     """The classification block trained on cached features, with the same callbacks and result.
 
-    The checkpoint holds the head's best weights; they are loaded into `model` (which
-    shares the Dense layer) and the whole model's weights replace the checkpoint, so that
-    fine-tuning and prediction read the file as after an on-the-fly run.
+    The transfer model is built (first in the run, so with the weights an on-the-fly run
+    starts from) only when the cache folder lacks the features or the Dense layer's
+    initial weights; later trials of the backbone build the Dense layer alone.
     """
     train_rows, val_rows = _rows(frame, "train"), _rows(frame, "val")
-    cache = _image_cache(frame, settings)
-    train = features.pooled_features(model, backbone, train_rows, class_names, features.ALL_FLIPS, settings, cache)
-    val = features.pooled_features(model, backbone, val_rows, class_names, features.NO_FLIP, settings, cache)
+    wanted = [
+        features.features_path(backbone, train_rows, features.ALL_FLIPS, settings),
+        features.features_path(backbone, val_rows, features.NO_FLIP, settings),
+        features.initial_head_path(backbone, len(class_names), settings),
+    ]
+    if all(path.is_file() for path in wanted):
+        train, val = np.load(wanted[0]), np.load(wanted[1])
+        head = features.new_head(features.initial_head_weights(backbone, len(class_names), settings))
+    else:
+        model, base = _build(backbone, len(class_names), settings, settings.weights)
+        base.trainable = False
+        cache = _image_cache(frame, settings)
+        train = features.pooled_features(model, backbone, train_rows, class_names, features.ALL_FLIPS, settings, cache)
+        val = features.pooled_features(model, backbone, val_rows, class_names, features.NO_FLIP, settings, cache)
+        features.keep_initial_head(model, backbone, settings)
+        head = features.head_of(model)
     train_labels, val_labels = data.label_indices(train_rows, class_names), data.label_indices(val_rows, class_names)
     datasets = (
         features.feature_dataset(train, train_labels, settings.batch_size, True, settings.seed),
         features.feature_dataset(val, val_labels, settings.batch_size, False),
     )
-    head = features.head_model(model)
-    result = _fit(
+    return _fit(
         "block", head, optimizer, learning_rate, settings.block_epochs, datasets, run_dir, settings, started, observers
     )
-    head.load_weights(result.weights_path)
-    with store.atomic_path(result.weights_path, suffix=".weights.h5") as temporary:
-        model.save_weights(temporary)
-    return result
 
 
 def _load_model(
     backbone: str, weights_path: str | os.PathLike, num_classes: int, settings: TrainingSettings
 ) -> tuple[keras.Model, keras.Model]:
-    """The transfer model with a run's saved weights (random initialisation first: they replace it)."""
+    """The transfer model with a fine-tuned run's saved weights (random initialisation first: they replace it)."""
     if not Path(weights_path).is_file():
         raise TrainingError(f"weights file not found: {weights_path}")
     model, base = _build(backbone, num_classes, settings, None)
@@ -378,13 +393,18 @@ def fine_tune(
 ) -> RunResult:
     """Fine-tune from the classification block's best weights for at most `finetune_epochs`.
 
-    Backbone layers before `delimiting_layer` stay frozen; that layer and every later
-    one train, with the fine-tuning optimizer and learning rate.
+    The transfer model is built as the block's run built it (the backbone's starting
+    weights) and takes the block's Dense layer from `block_weights`. Backbone layers
+    before `delimiting_layer` stay frozen; that layer and every later one train, with the
+    fine-tuning optimizer and learning rate.
     """
+    if not Path(block_weights).is_file():
+        raise TrainingError(f"weights file not found: {block_weights}")
     with _run_scope(settings):
         started = time.perf_counter()
+        model, base = _build(backbone, len(class_names), settings, settings.weights)
+        features.head_of(model).load_weights(block_weights)
         datasets = _datasets(backbone, frame, class_names, settings)
-        model, base = _load_model(backbone, block_weights, len(class_names), settings)
         set_delimiting_layer(base, delimiting_layer)
         return _fit(
             "finetune", model, optimizer, learning_rate, settings.finetune_epochs, datasets, run_dir, settings, started,
