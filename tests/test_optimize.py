@@ -9,6 +9,7 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 
 from fakes import FakeResult, FakeTrainer, peaked_score
 from tlopt import backbones, optimize, store
@@ -249,6 +250,20 @@ def test_resume_refuses_other_parameters(tmp_path, run_dir):
     optimize.run_strategy(params, "shared", trainer=FakeTrainer(), progress=False)
     params["bo"]["iterations"] = 9
     with pytest.raises(ConfigError, match=r"differ from the ones this run started with \(bo.iterations: 4 -> 9\)"):
+        optimize.run_strategy(params, "shared", trainer=FakeTrainer(), progress=False)
+
+
+def test_resume_accepts_a_run_that_predates_a_key_with_a_default(tmp_path, run_dir):
+    """A key added to the schema after the run started counts with its default on both sides."""
+    params = make_params(tmp_path)
+    optimize.run_strategy(params, "shared", trainer=FakeTrainer(), progress=False)
+    stored = store.load_run_params(run_dir)
+    del stored["training"]["feature_cache"]  # as written before the key existed
+    (run_dir / store.PARAMS_FILE).write_text(yaml.safe_dump(stored, sort_keys=False))
+    optimize.run_strategy(params, "shared", trainer=FakeTrainer(), progress=False)  # resumes
+
+    params["training"]["feature_cache"] = not params["training"]["feature_cache"]
+    with pytest.raises(ConfigError, match=r"\(training.feature_cache: "):
         optimize.run_strategy(params, "shared", trainer=FakeTrainer(), progress=False)
 
 

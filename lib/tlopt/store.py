@@ -115,12 +115,16 @@ def open_run(params: dict, run_dir: Path | None = None) -> Path:
     """Create the run folder with its `params.yaml`, or check that a resumed run matches.
 
     A run resumed with other parameters would mix two experiments in one
-    trial store, so that is refused, naming the first key that differs.
+    trial store, so that is refused, naming the first key that differs. The stored
+    file is validated first, so that a key added to the schema since the run started
+    counts with its default, as it does in `params`.
     """
+    from tlopt.params import validate
+
     run_dir = Path(run_dir) if run_dir is not None else run_dir_for(params)
     stored = run_dir / PARAMS_FILE
     if stored.is_file():
-        difference = _first_difference(load_run_params(run_dir), params)
+        difference = _first_difference(validate(load_run_params(run_dir), source=str(stored)), params)
         if difference:
             raise ConfigError(
                 f"{stored}: the parameters differ from the ones this run started with "
