@@ -8,6 +8,7 @@ convolutions still separate the demo classes; at 32 px it is also the quickest t
 
 import dataclasses
 import json
+import weakref
 import math
 
 import keras
@@ -15,7 +16,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tlopt import data
+from tlopt import data, training
 from tlopt.backbones import layer_count
 from tlopt.errors import ConfigError, DataError, TrainingError
 from tlopt.training import OPTIMIZERS, RunResult, TrainingSettings, fine_tune, make_optimizer, predict, train_block
@@ -235,6 +236,18 @@ def test_missing_block_weights_is_a_training_error(manifest, tmp_path):
     frame, names = manifest
     with pytest.raises(TrainingError, match="not found"):
         fine_tune(BACKBONE, "SGD", 0.01, 10, tmp_path / "none.weights.h5", frame, names, tmp_path, SETTINGS)
+
+
+def test_a_run_frees_its_models_when_it_ends_also_when_it_fails():
+    """Keras models are reference cycles: the scope's clear_session (with its full collection) frees them."""
+    models = []
+    with pytest.raises(RuntimeError):
+        with training._run_scope(TrainingSettings(seed=0)):
+            model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+            models.append(weakref.ref(model))
+            del model
+            raise RuntimeError("a failing run")
+    assert models[0]() is None
 
 
 def test_run_result_to_dict_is_plain_data():
