@@ -42,7 +42,7 @@ from tlopt.params import THESIS_OPTIMIZERS
 # Each trial builds new models, so tf.function retraces by design; its warnings are noise here.
 tf.get_logger().setLevel("ERROR")
 
-# TensorFlow and Keras make about a million objects at import that live as long as the
+# TensorFlow and Keras make about 400,000 objects at import that live as long as the
 # process. The full garbage collection that frees a run's models (in clear_session) walked
 # them all after every run: 0.25 s a run on 2 cores, as much as a cached classification
 # block's training. Frozen, they are out of the collector's sight (measured: 0.01 s).
