@@ -23,6 +23,7 @@ import pandas as pd
 import yaml
 
 from tlopt.errors import ConfigError
+from tlopt.params import validate
 
 TRIALS_FILE = "trials.jsonl"
 PARAMS_FILE = "params.yaml"
@@ -119,8 +120,6 @@ def open_run(params: dict, run_dir: Path | None = None) -> Path:
     file is validated first, so that a key added to the schema since the run started
     counts with its default, as it does in `params`.
     """
-    from tlopt.params import validate
-
     run_dir = Path(run_dir) if run_dir is not None else run_dir_for(params)
     stored = run_dir / PARAMS_FILE
     if stored.is_file():

@@ -313,29 +313,23 @@ def train_block(
     with _run_scope(settings):
         started = time.perf_counter()
         if settings.feature_cache and settings.cache_dir is not None:
-            return _train_head(backbone, optimizer, learning_rate, frame, class_names, run_dir, settings, started,
-                               observers)
-        model, base = _build(backbone, len(class_names), settings, settings.weights)
-        base.trainable = False
-        datasets = _datasets(backbone, frame, class_names, settings)
+            model, datasets = _head_on_cached_features(backbone, frame, class_names, settings)
+            checkpointed = None  # the head is the Dense layer alone
+        else:
+            model, base = _build(backbone, len(class_names), settings, settings.weights)
+            base.trainable = False
+            datasets = _datasets(backbone, frame, class_names, settings)
+            checkpointed = features.head_of(model)
         return _fit(
             "block", model, optimizer, learning_rate, settings.block_epochs, datasets, run_dir, settings, started,
-            observers, checkpointed=features.head_of(model),
+            observers, checkpointed,
         )
 
 
-def _train_head(
-    backbone: str,
-    optimizer: str,
-    learning_rate: float,
-    frame: pd.DataFrame,
-    class_names: list[str],
-    run_dir: str | os.PathLike,
-    settings: TrainingSettings,
-    started: float,
-    observers: Sequence[keras.callbacks.Callback],
-) -> RunResult:
-    """The classification block trained on cached features, with the same callbacks and result.
+def _head_on_cached_features(
+    backbone: str, frame: pd.DataFrame, class_names: list[str], settings: TrainingSettings
+) -> tuple[keras.Model, tuple[tf.data.Dataset, tf.data.Dataset]]:
+    """The Dense layer alone and its training and validation datasets of cached features.
 
     The transfer model is built (first in the run, so with the weights an on-the-fly run
     starts from) only when the cache folder lacks the features or the Dense layer's
@@ -359,12 +353,9 @@ def _train_head(
         features.keep_initial_head(model, backbone, settings)
         head = features.head_of(model)
     train_labels, val_labels = data.label_indices(train_rows, class_names), data.label_indices(val_rows, class_names)
-    datasets = (
+    return head, (
         features.feature_dataset(train, train_labels, settings.batch_size, True, settings.seed),
         features.feature_dataset(val, val_labels, settings.batch_size, False),
-    )
-    return _fit(
-        "block", head, optimizer, learning_rate, settings.block_epochs, datasets, run_dir, settings, started, observers
     )
 
 
