@@ -32,8 +32,8 @@ def manifest(demo_root):
     return frame, data.class_names(frame)
 
 
-def _epoch(dataset: tf.data.Dataset) -> tuple[np.ndarray, np.ndarray]:
-    images, labels = zip(*[(x.numpy(), y.numpy()) for x, y in dataset])
+def _epoch(dataset: tf.data.Dataset | features.FeatureBatches) -> tuple[np.ndarray, np.ndarray]:
+    images, labels = zip(*[(np.asarray(x), np.asarray(y)) for x, y in dataset])
     return np.concatenate(images), np.concatenate(labels)
 
 
@@ -190,18 +190,81 @@ def test_the_feature_cache_key_separates_what_changes_the_features(manifest, tmp
 def test_feature_batches_draw_each_flip_variant_per_image_per_epoch():
     vectors = np.arange(4 * 6, dtype=np.float32).reshape(4, 6, 1)  # value = 6 x variant + row
     labels = np.arange(6, dtype=np.int32)
-    dataset = features.feature_dataset(vectors, labels, 4, training=True, seed=0)
+    batches = features.FeatureBatches(vectors, labels, 4, seed=0)
     orders, variants = [], set()
     for _ in range(4):
-        values, rows = _epoch(dataset)
+        values, rows = _epoch(batches)
         assert sorted(rows) == list(range(6))  # every image once per epoch
         np.testing.assert_array_equal(values[:, 0] % 6, rows)  # its own vector
         orders.append(rows.tolist())
         variants |= set((values[:, 0] // 6).astype(int))
     assert variants == {0, 1, 2, 3} and len({tuple(order) for order in orders}) > 1
 
-    values, rows = _epoch(features.feature_dataset(vectors[:1], labels, 4, training=False))
+    values, rows = _epoch(features.FeatureBatches(vectors[:1], labels, 4))
     assert rows.tolist() == list(range(6)) and values[:, 0].tolist() == list(range(6))
+
+
+def _feature_pipeline(vectors: np.ndarray, labels: np.ndarray, batch_size: int, seed: int | None) -> tf.data.Dataset:
+    """What `FeatureBatches` gives, as a tf.data pipeline for `Model.fit` (the reference)."""
+    if seed is None:
+        return tf.data.Dataset.from_tensor_slices((vectors[0], labels)).batch(batch_size)
+
+    def read(rows: tf.Tensor, draws: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        variants = tf.cast(data.flip_variants(draws), tf.int64)
+        return tf.gather_nd(vectors, tf.stack([variants, rows], axis=1)), tf.gather(labels, rows)
+
+    return data.epoch_rows(vectors.shape[1], True, seed).batch(batch_size).map(read)
+
+
+class _Logs(keras.callbacks.Callback):
+    """The epoch-level hooks a run's callbacks see, with their logs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple] = []
+
+    def on_train_begin(self, logs=None):
+        self.calls.append(("train_begin",))
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.calls.append(("epoch_end", epoch, dict(logs)))
+
+    def on_test_end(self, logs=None):
+        self.calls.append(("test_end", dict(logs)))
+
+    def on_train_end(self, logs=None):
+        self.calls.append(("train_end", dict(logs)))
+
+
+@pytest.mark.parametrize("optimizer", training.OPTIMIZERS)
+def test_fit_head_trains_the_head_as_model_fit_does(optimizer):
+    rng = np.random.default_rng(0)
+    vectors, labels = rng.normal(size=(4, 40, 8)).astype(np.float32), rng.integers(0, 3, 40).astype(np.int32)
+    val_vectors, val_labels = rng.normal(size=(1, 20, 8)).astype(np.float32), rng.integers(0, 3, 20).astype(np.int32)
+    initial = [rng.normal(size=(8, 3)).astype(np.float32), np.zeros(3, np.float32)]
+    runs = {}
+    for way in ("fit", "fit_head"):
+        head, watcher = features.new_head(initial), _Logs()
+        head.compile(optimizer=training.make_optimizer(optimizer, 0.05), loss=training.LOSS, metrics=["accuracy"])
+        if way == "fit":
+            history = head.fit(
+                _feature_pipeline(vectors, labels, 16, seed=3), validation_data=_feature_pipeline(
+                    val_vectors, val_labels, 16, seed=None), epochs=4, callbacks=[watcher], shuffle=False, verbose=0
+            )
+        else:
+            history = features.fit_head(head, features.FeatureBatches(vectors, labels, 16, seed=3),
+                                        features.FeatureBatches(val_vectors, val_labels, 16), 4, [watcher])
+        runs[way] = (history.history, watcher.calls, head.get_weights())
+        keras.backend.clear_session()
+    (fit_history, fit_calls, fit_weights), (history, calls, weights) = runs["fit"], runs["fit_head"]
+    # The same draws, the same computation: the same numbers (measured: bit for bit).
+    assert history.keys() == fit_history.keys() == {"loss", "accuracy", "val_loss", "val_accuracy"}
+    for name in history:
+        np.testing.assert_allclose(history[name], fit_history[name], rtol=1e-6)
+    for got, expected in zip(weights, fit_weights):
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-7)
+    assert [call[:2] for call in calls] == [call[:2] for call in fit_calls]  # the same hooks, in order
+    assert calls[-1][1].keys() == fit_calls[-1][1].keys()
 
 
 @pytest.fixture(scope="module")

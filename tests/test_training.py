@@ -212,18 +212,25 @@ def test_fine_tuning_starts_from_the_block_weights_and_predict_reads_its_own(blo
         ({"nonconvergence": True, "nonconvergence_threshold": 1.01, "nonconvergence_patience": 0}, 1, "nonconvergence"),
     ],
 )
-def test_stopped_by_names_the_callback_that_stopped(manifest, tmp_path, overrides, epochs, stopped_by):
+@pytest.mark.parametrize("cached", [False, True], ids=["on_the_fly", "feature_cache"])
+def test_stopped_by_names_the_callback_that_stopped(manifest, tmp_path, overrides, epochs, stopped_by, cached):
     frame, names = manifest
-    settings = dataclasses.replace(SETTINGS, block_epochs=4, **overrides)
+    settings = dataclasses.replace(SETTINGS, block_epochs=4, **overrides, **_caches(cached, tmp_path))
     result = train_block(BACKBONE, "SGD", 0.0, frame, names, tmp_path, settings)
     assert (result.epochs, result.stopped_by) == (epochs, stopped_by)
 
 
 @pytest.mark.slow
-def test_diverging_loss_is_a_training_error(manifest, tmp_path):
+@pytest.mark.parametrize("cached", [False, True], ids=["on_the_fly", "feature_cache"])
+def test_diverging_loss_is_a_training_error(manifest, tmp_path, cached):
     frame, names = manifest
     with pytest.raises(TrainingError, match="loss became (NaN|infinite) at epoch 0"):
-        train_block(BACKBONE, "SGD", 1e38, frame, names, tmp_path, SETTINGS)
+        train_block(BACKBONE, "SGD", 1e38, frame, names, tmp_path, dataclasses.replace(SETTINGS, **_caches(cached, tmp_path)))
+
+
+def _caches(cached: bool, folder) -> dict:
+    """Settings that train the classification block on cached features in `folder`, or none."""
+    return {"image_cache": True, "feature_cache": True, "cache_dir": str(folder / "cache")} if cached else {}
 
 
 def test_a_manifest_without_validation_rows_is_a_data_error(manifest, tmp_path):

@@ -229,7 +229,7 @@ def _fit(
     optimizer: str,
     learning_rate: float,
     epochs: int,
-    datasets: tuple[tf.data.Dataset, tf.data.Dataset],
+    datasets: tuple[tf.data.Dataset, tf.data.Dataset] | tuple[features.FeatureBatches, features.FeatureBatches],
     run_dir: str | os.PathLike,
     settings: TrainingSettings,
     started: float,
@@ -238,6 +238,8 @@ def _fit(
 ) -> RunResult:
     """Compile and fit `model` with the run's callbacks; summarize the history.
 
+    Batches of cached features train the head with `features.fit_head`, Keras's fit loop
+    without its fixed cost per run; tf.data pipelines go to `Model.fit`.
     `observers` are extra callbacks that only watch (the notebooks' live figure).
     `checkpointed`: the model whose weights the checkpoint keeps, one that shares layers
     with `model` (the classification block's Dense layer alone); `model` by default.
@@ -253,14 +255,17 @@ def _fit(
     phase_dir = Path(run_dir) / phase
     callbacks = run_callbacks(phase_dir, Path(run_dir) / "tensorboard" / phase, settings, checkpointed)
     train, val = datasets
-    fitted = model.fit(
-        train,
-        validation_data=val,
-        epochs=epochs,
-        callbacks=[*callbacks, keras.callbacks.TerminateOnNaN(), *observers],
-        shuffle=False,  # the training dataset shuffles itself (seeded); Keras cannot shuffle a tf.data pipeline
-        verbose=0,
-    )
+    if isinstance(train, features.FeatureBatches):
+        fitted = features.fit_head(model, train, val, epochs, [*callbacks, *observers])
+    else:
+        fitted = model.fit(
+            train,
+            validation_data=val,
+            epochs=epochs,
+            callbacks=[*callbacks, keras.callbacks.TerminateOnNaN(), *observers],
+            shuffle=False,  # the training dataset shuffles itself (seeded); Keras cannot shuffle a tf.data pipeline
+            verbose=0,
+        )
     history = [
         {"epoch": epoch, **{name: float(values[epoch]) for name, values in fitted.history.items()}}
         for epoch in fitted.epoch
@@ -328,8 +333,8 @@ def train_block(
 
 def _head_on_cached_features(
     backbone: str, frame: pd.DataFrame, class_names: list[str], settings: TrainingSettings
-) -> tuple[keras.Model, tuple[tf.data.Dataset, tf.data.Dataset]]:
-    """The Dense layer alone and its training and validation datasets of cached features.
+) -> tuple[keras.Model, tuple[features.FeatureBatches, features.FeatureBatches]]:
+    """The Dense layer alone and its training and validation batches of cached features.
 
     The transfer model is built (first in the run, so with the weights an on-the-fly run
     starts from) only when the cache folder lacks the features or the Dense layer's
@@ -354,8 +359,8 @@ def _head_on_cached_features(
         head = features.head_of(model)
     train_labels, val_labels = data.label_indices(train_rows, class_names), data.label_indices(val_rows, class_names)
     return head, (
-        features.feature_dataset(train, train_labels, settings.batch_size, True, settings.seed),
-        features.feature_dataset(val, val_labels, settings.batch_size, False),
+        features.FeatureBatches(train, train_labels, settings.batch_size, settings.seed),
+        features.FeatureBatches(val, val_labels, settings.batch_size),
     )
 
 
