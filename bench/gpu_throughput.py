@@ -126,7 +126,7 @@ def measure(name: str, size: int, batch: int, precision: str, jit_compile: bool,
         model.compile(optimizer=keras.optimizers.Adam(1e-4), loss="sparse_categorical_crossentropy",
                       jit_compile=jit_compile)
         rng = np.random.default_rng(0)
-        images = rng.uniform(-1, 1, (batch, size, size, 3)).astype("float32")
+        images = rng.integers(0, 256, (batch, size, size, 3), dtype=np.uint8)  # pixels, as the pipeline gives
         labels = rng.integers(0, 8, batch)
         train = _images_per_second(lambda: model.train_on_batch(images, labels), batch,
                                    warmup, max_steps, max_seconds)

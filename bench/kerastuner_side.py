@@ -37,7 +37,7 @@ import keras_tuner
 import pandas as pd
 
 from tlopt import data, optimize, store
-from tlopt.backbones import build_transfer_model, get_backbone, set_delimiting_layer
+from tlopt.backbones import build_transfer_model, set_delimiting_layer
 from tlopt.params import load_params, validate
 from tlopt.training import LOSS, make_optimizer
 
@@ -166,13 +166,12 @@ class TwoPhaseTuner(keras_tuner.BayesianOptimization):
         # The same decoded images as tlopt's pipeline: decoding is not what is compared.
         self.image_cache = data.cache_images(frame, search.image_size, Path(directory) / "cache")
 
-    def datasets(self, backbone: str):
-        """The manifest's train and val pipelines with the backbone's own preprocessing."""
+    def datasets(self):
+        """The manifest's train and val pipelines (the transfer model preprocesses for its backbone)."""
         s = self.search_settings
-        preprocess = get_backbone(backbone).preprocess_input
         return tuple(
             data.make_dataset(self.frame[self.frame["split"] == split], self.class_names, s.image_size,
-                              s.batch_size, preprocess, split == "train", s.seed, self.image_cache)
+                              s.batch_size, split == "train", s.seed, self.image_cache)
             for split in ("train", "val")
         )
 
@@ -187,7 +186,7 @@ class TwoPhaseTuner(keras_tuner.BayesianOptimization):
         s = self.search_settings
         keras.backend.clear_session()
         keras.utils.set_random_seed(s.seed)
-        train, val = self.datasets(hp["backbone"])
+        train, val = self.datasets()
         model = self.hypermodel.build(hp)
         block = model.fit(train, validation_data=val, epochs=s.block_epochs, callbacks=self._callbacks(),
                           shuffle=False, verbose=0)

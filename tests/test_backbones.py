@@ -105,16 +105,35 @@ def test_default_delimiting_layer_rejects_a_fraction_outside_0_1():
         default_delimiting_layer(100, 1.5)
 
 
+@pytest.mark.parametrize("policy", ["float32", "mixed_float16"])
+@pytest.mark.parametrize("name", ["VGG16", "ResNet50", "MobileNetV3Small"])
+def test_transfer_model_preprocesses_uint8_pixels_with_its_backbones_function_in_float32(name, policy):
+    pixels = np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
+    keras.mixed_precision.set_global_policy(policy)
+    try:
+        model, base = build_transfer_model(name, 3, 32, weights=None)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    assert model.inputs[0].dtype == "uint8"
+    layer = model.get_layer("preprocess")
+    preprocessed = keras.ops.convert_to_numpy(layer(pixels))
+    assert preprocessed.dtype == np.float32
+    np.testing.assert_array_equal(preprocessed, get_backbone(name).preprocess_input(pixels.astype(np.float32)))
+    pooled = keras.Model(model.inputs, model.get_layer("pool").output).predict(pixels, verbose=0)
+    expected = keras.ops.convert_to_numpy(base(preprocessed)).max(axis=(1, 2))  # what the backbone sees
+    np.testing.assert_allclose(pooled, expected, rtol=1e-5 if policy == "float32" else 1e-2, atol=1e-6)
+
+
 @pytest.mark.parametrize(("pooling", "layer_class"), [("max", "GlobalMaxPooling2D"), ("avg", "GlobalAveragePooling2D")])
 def test_transfer_model_is_backbone_pool_dense_softmax(pooling, layer_class):
     model, base = build_transfer_model("VGG16", 5, 48, weights=None, pooling=pooling)
-    assert [layer.name for layer in model.layers] == ["image", base.name, "pool", "predictions"]
+    assert [layer.name for layer in model.layers] == ["image", "preprocess", base.name, "pool", "predictions"]
     assert model.get_layer(base.name) is base
     assert type(model.get_layer("pool")).__name__ == layer_class
     head = model.get_layer("predictions")
     assert head.units == 5 and head.activation is keras.activations.softmax
     assert len(base.layers) == 19  # include_top=False
-    probabilities = model.predict(np.random.default_rng(0).uniform(0, 255, (2, 48, 48, 3)), verbose=0)
+    probabilities = model.predict(np.random.default_rng(0).integers(0, 256, (2, 48, 48, 3), dtype=np.uint8), verbose=0)
     assert probabilities.shape == (2, 5)
     np.testing.assert_allclose(probabilities.sum(axis=1), 1, rtol=1e-5)
 

@@ -17,7 +17,7 @@ from PIL import Image
 from tlopt import data, features, training
 from tlopt.backbones import build_transfer_model, get_backbone, layer_count
 from tlopt.errors import DataError
-from tlopt.training import TrainingSettings, fine_tune, predict, train_block
+from tlopt.training import TrainingSettings, fine_tune, train_block
 
 BACKBONE = "VGG16"
 SIZE = 32
@@ -52,8 +52,8 @@ def test_image_cache_gives_the_pixels_of_decoding(manifest, tmp_path, training):
     cache = data.cache_images(frame, SIZE, tmp_path)
     rows = frame.sample(frac=1, random_state=1)  # any subset and order of the cached images
 
-    decoded = data.make_dataset(rows, names, SIZE, 16, None, training, seed=3)
-    cached = data.make_dataset(rows, names, SIZE, 16, None, training, seed=3, cache=cache)
+    decoded = data.make_dataset(rows, names, SIZE, 16, training, seed=3)
+    cached = data.make_dataset(rows, names, SIZE, 16, training, seed=3, cache=cache)
 
     for _ in range(2):  # a second epoch: new order and flips, the same on both sides
         decoded_images, decoded_labels = _epoch(decoded)
@@ -122,9 +122,9 @@ def test_image_cache_errors(manifest, tmp_path):
     frame, names = manifest
     cache = data.cache_images(frame.iloc[:10], SIZE, tmp_path)
     with pytest.raises(DataError, match="is not in the image cache"):
-        data.make_dataset(frame.iloc[5:15], names, SIZE, 4, None, False, cache=cache)
+        data.make_dataset(frame.iloc[5:15], names, SIZE, 4, False, cache=cache)
     with pytest.raises(DataError, match="holds 32 px images, not 40 px"):
-        data.make_dataset(frame.iloc[:10], names, 40, 4, None, False, cache=cache)
+        data.make_dataset(frame.iloc[:10], names, 40, 4, False, cache=cache)
     with pytest.raises(DataError, match="image not found: /nowhere.jpg"):
         data.cache_images(pd.DataFrame({"path": ["/nowhere.jpg"], "label": ["a"]}), SIZE, tmp_path)
 
@@ -141,7 +141,7 @@ def test_cached_features_are_the_backbone_output_on_flipped_preprocessed_images(
 
     vectors = features.pooled_features(model, BACKBONE, rows, names, features.ALL_FLIPS, settings)
 
-    pixels, _ = _epoch(data.make_dataset(rows, names, SIZE, 16, None, False))
+    pixels, _ = _epoch(data.make_dataset(rows, names, SIZE, 16, False))
     flips = {
         "none": pixels,
         "horizontal": pixels[:, :, ::-1],
@@ -150,7 +150,7 @@ def test_cached_features_are_the_backbone_output_on_flipped_preprocessed_images(
     }
     assert vectors.shape == (4, len(rows), 512) and vectors.dtype == np.float32
     for variant, name in enumerate(data.FLIP_VARIANTS):
-        preprocessed = get_backbone(BACKBONE).preprocess_input(flips[name].copy())
+        preprocessed = get_backbone(BACKBONE).preprocess_input(flips[name].astype(np.float32))
         expected = base.predict(preprocessed, verbose=0).max(axis=(1, 2))  # global max pooling
         np.testing.assert_allclose(vectors[variant], expected, rtol=1e-4, atol=1e-6 * np.abs(expected).max())
     assert not np.allclose(vectors[0], vectors[1])  # the flips matter
@@ -316,7 +316,7 @@ def test_block_checkpoint_is_the_dense_layer_at_its_best_epoch(runs, manifest, p
     assert [weight.path for weight in head.weights] == ["predictions/kernel", "predictions/bias"]
 
     val = frame[frame["split"] == "val"]
-    images = data.make_dataset(val, names, SIZE, 16, get_backbone(BACKBONE).preprocess_input, False)
+    images = data.make_dataset(val, names, SIZE, 16, False)
     predicted = np.argmax(model.predict(images, verbose=0), axis=1)
     assert np.mean(predicted == data.label_indices(val, names)) == pytest.approx(result.val_accuracy, abs=1e-6)
     keras.backend.clear_session()

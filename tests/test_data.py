@@ -358,12 +358,12 @@ def _epoch(dataset) -> tuple[np.ndarray, np.ndarray]:
 
 def test_validation_dataset_keeps_order_pixels_and_labels(pixel_frame):
     frame = pixel_frame.iloc[::-1]  # an order that is neither sorted nor by class
-    dataset = data.make_dataset(frame, ["a", "b", "c"], 8, 5, None, training=False)
+    dataset = data.make_dataset(frame, ["a", "b", "c"], 8, 5, training=False)
 
     batches = [(x.numpy(), y.numpy()) for x, y in dataset]
 
     assert [len(y) for _, y in batches] == [5, 5, 2]
-    assert all(x.dtype == np.float32 and x.shape[1:] == (8, 8, 3) for x, _ in batches)
+    assert all(x.dtype == np.uint8 and x.shape[1:] == (8, 8, 3) for x, _ in batches)
     assert all(y.dtype == np.int32 for _, y in batches)
     images, labels = _epoch(dataset)
     np.testing.assert_array_equal(images, np.stack(frame["pixels"]))
@@ -379,7 +379,7 @@ def test_dataset_decodes_other_formats_and_resizes(tmp_path):
     Image.open(paths[0]).convert("L").save(paths[0])
     frame = pd.DataFrame({"path": [str(p) for p in paths], "label": ["x", "y", "x"]})
 
-    images, labels = _epoch(data.make_dataset(frame, ["x", "y"], 16, 8, None, training=False))
+    images, labels = _epoch(data.make_dataset(frame, ["x", "y"], 16, 8, training=False))
 
     assert images.shape == (3, 16, 16, 3)
     assert images.min() >= 0 and images.max() <= 255
@@ -387,7 +387,7 @@ def test_dataset_decodes_other_formats_and_resizes(tmp_path):
 
 
 def test_training_dataset_shuffles_each_epoch_and_flips(pixel_frame):
-    dataset = data.make_dataset(pixel_frame, ["a", "b", "c"], 8, 4, None, training=True, seed=0)
+    dataset = data.make_dataset(pixel_frame, ["a", "b", "c"], 8, 4, training=True, seed=0)
     originals = {
         int(pixels[0, 0, 0]): (pixels, label)
         for pixels, label in zip(pixel_frame["pixels"], pixel_frame["label"])
@@ -432,7 +432,7 @@ def test_every_flip_function_flips_the_same_way():
 
 def test_training_dataset_is_reproducible_by_seed(pixel_frame):
     def first_epoch(seed):
-        return _epoch(data.make_dataset(pixel_frame, ["a", "b", "c"], 8, 4, None, training=True, seed=seed))
+        return _epoch(data.make_dataset(pixel_frame, ["a", "b", "c"], 8, 4, training=True, seed=seed))
 
     images, labels = first_epoch(1)
     again_images, again_labels = first_epoch(1)
@@ -443,19 +443,8 @@ def test_training_dataset_is_reproducible_by_seed(pixel_frame):
     assert not np.array_equal(images, other_images)
 
 
-def test_preprocess_is_applied(pixel_frame):
-    def preprocess(images):
-        return images / 127.5 - 1
-
-    images, _ = _epoch(data.make_dataset(pixel_frame, ["a", "b", "c"], 8, 4, preprocess, training=False))
-    np.testing.assert_allclose(images, np.stack(pixel_frame["pixels"]) / 127.5 - 1, rtol=1e-6)
-
-    trained, _ = _epoch(data.make_dataset(pixel_frame, ["a", "b", "c"], 8, 4, preprocess, training=True))
-    assert trained.min() >= -1 and trained.max() <= 1 and trained.min() < 0
-
-
 def test_make_dataset_rejects_unknown_labels_and_empty_frames(pixel_frame):
     with pytest.raises(DataError, match="label\\(s\\) 'c' not among class_names"):
-        data.make_dataset(pixel_frame, ["a", "b"], 8, 4, None, training=False)
+        data.make_dataset(pixel_frame, ["a", "b"], 8, 4, training=False)
     with pytest.raises(DataError, match="empty frame"):
-        data.make_dataset(pixel_frame.iloc[:0], ["a", "b", "c"], 8, 4, None, training=True)
+        data.make_dataset(pixel_frame.iloc[:0], ["a", "b", "c"], 8, 4, training=True)

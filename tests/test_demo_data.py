@@ -115,13 +115,12 @@ def test_demo_is_learnable_by_a_tiny_cnn_from_scratch(demo_root):
     frame = data.split(data.discover(demo_root), val_fraction=0.3, seed=0)
     names = data.class_names(frame)
     keras.utils.set_random_seed(0)
-    train = data.make_dataset(
-        frame[frame["split"] == "train"], names, 64, 16, lambda x: x / 255, training=True
-    )
-    val = data.make_dataset(frame[frame["split"] == "val"], names, 64, 16, lambda x: x / 255, training=False)
+    train = data.make_dataset(frame[frame["split"] == "train"], names, 64, 16, training=True)
+    val = data.make_dataset(frame[frame["split"] == "val"], names, 64, 16, training=False)
     model = keras.Sequential(
         [
             keras.Input((64, 64, 3)),
+            keras.layers.Rescaling(1 / 255),
             keras.layers.Conv2D(16, 3, activation="relu"),
             keras.layers.MaxPooling2D(),
             keras.layers.Conv2D(32, 3, activation="relu"),

@@ -1,17 +1,19 @@
 """The backbones: which `keras.applications` models a trial may use, and the transfer model built on one.
 
-A transfer model is `Input -> backbone (include_top=False) -> global pooling ("pool")
--> Dense softmax ("predictions")`. The backbone is one nested layer of the model, so
-`base.layers` indexes the delimiting layer exactly as the thesis counts it (0 = input
-layer), and the head keeps stable names: its Dense layer can be trained elsewhere (on
-cached pooled features) and its weights set by name.
+A transfer model is `Input (uint8 pixels) -> the backbone's preprocessing ("preprocess")
+-> backbone (include_top=False) -> global pooling ("pool") -> Dense softmax
+("predictions")`. The backbone is one nested layer of the model, so `base.layers` indexes
+the delimiting layer exactly as the thesis counts it (0 = input layer), and the head keeps
+stable names: its Dense layer can be trained elsewhere (on cached pooled features) and its
+weights set by name.
 
 Preprocessing: each backbone keeps Keras's default architecture and its own module's
-`preprocess_input`, applied to 0-255 floats by the input pipeline. For the MobileNetV3
-and EfficientNet families that function is the identity and the rescaling is a layer
-inside the model (`include_preprocessing=True`, Keras's default), because their
-ImageNet weights were trained that way; together the pipeline and the model always see
-the same scaling, and no backbone needs a special case.
+`preprocess_input`, applied on the fly to every batch by the model's first layer, in
+float32: the input pipeline carries uint8 pixels (a quarter of the bytes to copy, to a GPU
+too) and the preprocessing runs where the model runs. For the MobileNetV3 and
+EfficientNet families that function is the identity and the rescaling is a layer inside
+the backbone (`include_preprocessing=True`, Keras's default), because their ImageNet
+weights were trained that way; no backbone needs a special case.
 """
 
 from __future__ import annotations
@@ -39,6 +41,28 @@ class Backbone:
     constructor: Callable[..., keras.Model]
     preprocess_input: Callable
     min_input_size: int
+
+
+class Preprocessing(keras.layers.Layer):
+    """A backbone's `preprocess_input` on 0-255 pixels (uint8 or float), in float32.
+
+    The transfer model's first layer. Float32 also under mixed precision, as the input
+    pipeline computed it before the model: the backbone casts its result to float16.
+    """
+
+    def __init__(self, backbone: str, **kwargs) -> None:
+        super().__init__(dtype="float32", **kwargs)
+        self.backbone = backbone
+        self.preprocess_input = get_backbone(backbone).preprocess_input
+
+    def call(self, images):
+        return self.preprocess_input(keras.ops.cast(images, "float32"))
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self) -> dict:
+        return {**super().get_config(), "backbone": self.backbone}
 
 
 def _backbone(name: str, module, min_input_size: int = 32, constructor: Callable | None = None) -> Backbone:
@@ -168,7 +192,8 @@ def build_transfer_model(
     `weights`: "imagenet" (Keras's download cache; WeightsError with the file to place
     there when offline), a local weights file of the base without its top, or None for
     random weights. `pooling`: "max" (the thesis) or "avg". The head's layers are named
-    "pool" and "predictions".
+    "pool" and "predictions". The model takes uint8 pixels, as the input pipelines give
+    them (Keras casts other inputs to uint8: float pixels must be rounded 0-255 values).
 
     Frozen BatchNormalization layers run in inference mode (Keras 3, unlike the thesis's
     Keras 2.1). With random weights, the batch-normalised backbones (MobileNet,
@@ -187,8 +212,8 @@ def build_transfer_model(
     if pooling not in poolings:
         raise ConfigError(f"pooling must be one of {', '.join(poolings)}, got {pooling!r}")
     base = _build_base(backbone, image_size, weights)
-    inputs = keras.Input(shape=(image_size, image_size, 3), name="image")
-    pooled = poolings[pooling](name="pool")(base(inputs))
+    inputs = keras.Input(shape=(image_size, image_size, 3), dtype="uint8", name="image")
+    pooled = poolings[pooling](name="pool")(base(Preprocessing(name, name="preprocess")(inputs)))
     outputs = keras.layers.Dense(num_classes, activation="softmax", name="predictions")(pooled)
     return keras.Model(inputs, outputs, name=f"{name}_transfer"), base
 

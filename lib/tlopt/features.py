@@ -32,7 +32,6 @@ import pandas as pd
 import tensorflow as tf
 
 from tlopt import data, store
-from tlopt.backbones import get_backbone
 
 if TYPE_CHECKING:
     from tlopt.training import TrainingSettings
@@ -79,19 +78,19 @@ def pooled_features(
 
     Read from the cache folder, or computed by `model` (a transfer model of `backbone`
     built with `settings`) and cached. The images go through the training pipeline's
-    steps: decoded (or read from `image_cache`), flipped, then preprocessed.
+    steps: decoded (or read from `image_cache`) and flipped; the model's first layer
+    preprocesses them.
     """
     path = features_path(backbone, rows, variants, settings)
     if path.is_file():
         return np.load(path)
     extractor = keras.Model(model.inputs, model.get_layer("pool").output)
-    preprocess = get_backbone(backbone).preprocess_input
     images = data.make_dataset(
-        rows, class_names, settings.image_size, settings.batch_size, None, False, settings.seed, image_cache
+        rows, class_names, settings.image_size, settings.batch_size, False, settings.seed, image_cache
     )
 
     def flipped(variant: int) -> tf.data.Dataset:
-        return images.map(lambda batch, _: preprocess(data.flip_images(batch, variant)))
+        return images.map(lambda batch, _: data.flip_images(batch, variant))
 
     # One predict call for all variants: each call of a new dataset traces the model again.
     every_variant = functools.reduce(tf.data.Dataset.concatenate, map(flipped, variants))

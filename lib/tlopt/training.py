@@ -34,7 +34,7 @@ import pandas as pd
 import tensorflow as tf
 
 from tlopt import data, features
-from tlopt.backbones import build_transfer_model, get_backbone, set_delimiting_layer
+from tlopt.backbones import build_transfer_model, set_delimiting_layer
 from tlopt.callbacks import BEST_WEIGHTS_FILE, NonconvergenceFiltering, run_callbacks
 from tlopt.errors import ConfigError, DataError, TrainingError
 from tlopt.params import THESIS_OPTIMIZERS
@@ -211,15 +211,14 @@ def _image_cache(frame: pd.DataFrame, settings: TrainingSettings) -> data.ImageC
 
 
 def _datasets(
-    backbone: str, frame: pd.DataFrame, class_names: list[str], settings: TrainingSettings
+    frame: pd.DataFrame, class_names: list[str], settings: TrainingSettings
 ) -> tuple[tf.data.Dataset, tf.data.Dataset]:
     """The training (shuffled, flipped) and validation pipelines of the manifest's train and val rows."""
-    preprocess = get_backbone(backbone).preprocess_input
     size, batch, seed = settings.image_size, settings.batch_size, settings.seed
     train_rows, val_rows = _rows(frame, "train"), _rows(frame, "val")
     cache = _image_cache(frame, settings)
-    train = data.make_dataset(train_rows, class_names, size, batch, preprocess, True, seed, cache)
-    val = data.make_dataset(val_rows, class_names, size, batch, preprocess, False, seed, cache)
+    train = data.make_dataset(train_rows, class_names, size, batch, True, seed, cache)
+    val = data.make_dataset(val_rows, class_names, size, batch, False, seed, cache)
     return train, val
 
 
@@ -323,7 +322,7 @@ def train_block(
         else:
             model, base = _build(backbone, len(class_names), settings, settings.weights)
             base.trainable = False
-            datasets = _datasets(backbone, frame, class_names, settings)
+            datasets = _datasets(frame, class_names, settings)
             checkpointed = features.head_of(model)
         return _fit(
             "block", model, optimizer, learning_rate, settings.block_epochs, datasets, run_dir, settings, started,
@@ -400,7 +399,7 @@ def fine_tune(
         started = time.perf_counter()
         model, base = _build(backbone, len(class_names), settings, settings.weights)
         features.head_of(model).load_weights(block_weights)
-        datasets = _datasets(backbone, frame, class_names, settings)
+        datasets = _datasets(frame, class_names, settings)
         set_delimiting_layer(base, delimiting_layer)
         return _fit(
             "finetune", model, optimizer, learning_rate, settings.finetune_epochs, datasets, run_dir, settings, started,
@@ -422,8 +421,5 @@ def predict(
     """
     with _run_scope(settings):
         model, _ = _load_model(backbone, weights_path, len(class_names), settings)
-        preprocess = get_backbone(backbone).preprocess_input
-        images = data.make_dataset(
-            frame, class_names, settings.image_size, settings.batch_size, preprocess, False, settings.seed
-        )
+        images = data.make_dataset(frame, class_names, settings.image_size, settings.batch_size, False, settings.seed)
         return np.argmax(model.predict(images, verbose=0), axis=1)
