@@ -236,16 +236,22 @@ class _Logs(keras.callbacks.Callback):
         self.calls.append(("train_end", dict(logs)))
 
 
-@pytest.mark.parametrize("optimizer", training.OPTIMIZERS)
-def test_fit_head_trains_the_head_as_model_fit_does(optimizer):
+@pytest.mark.parametrize(
+    ("optimizer", "policy"),
+    [(name, "float32") for name in training.OPTIMIZERS] + [("Adam", "mixed_float16"), ("SGD", "mixed_float16")],
+)
+def test_fit_head_trains_the_head_as_model_fit_does(optimizer, policy):
     rng = np.random.default_rng(0)
     vectors, labels = rng.normal(size=(4, 40, 8)).astype(np.float32), rng.integers(0, 3, 40).astype(np.int32)
     val_vectors, val_labels = rng.normal(size=(1, 20, 8)).astype(np.float32), rng.integers(0, 3, 20).astype(np.int32)
     initial = [rng.normal(size=(8, 3)).astype(np.float32), np.zeros(3, np.float32)]
     runs = {}
     for way in ("fit", "fit_head"):
+        keras.mixed_precision.set_global_policy(policy)  # clear_session resets it to float32
         head, watcher = features.new_head(initial), _Logs()
         head.compile(optimizer=training.make_optimizer(optimizer, 0.05), loss=training.LOSS, metrics=["accuracy"])
+        # Under mixed precision Keras scales the loss; fit_head must unscale what it scales.
+        assert isinstance(head.optimizer, keras.optimizers.LossScaleOptimizer) == (policy == "mixed_float16")
         if way == "fit":
             history = head.fit(
                 _feature_pipeline(vectors, labels, 16, seed=3), validation_data=_feature_pipeline(

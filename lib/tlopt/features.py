@@ -200,12 +200,15 @@ def fit_head(
     epochs: int,
     callbacks: Sequence[keras.callbacks.Callback],
 ) -> keras.callbacks.History:
-    """`head.fit(train, validation_data=val, ...)` for a compiled head, at a fraction of its fixed cost.
+    """`head.fit(train, validation_data=val, ...)` at a fraction of its fixed cost.
 
-    `Model.fit` traces Keras's general train and test steps for every new model: on
+    `head` is compiled as `training` compiles a run's model: its optimizer (wrapped
+    for loss scaling under mixed precision), the sparse categorical cross-entropy and
+    accuracy. `Model.fit` traces Keras's general train and test steps for every new model: on
     2 cores 0.3-0.5 s, most of a cached trial's time. These steps do what Keras's do for
     this model (forward pass, the sparse categorical cross-entropy averaged over the batch,
-    the optimizer's update; the epoch's loss and accuracy as sample-weighted means) and
+    scaled and unscaled by the optimizer, its update; the epoch's loss and accuracy as
+    sample-weighted means) and
     trace in a fraction of that. The callbacks see what `fit` shows them at the epoch
     level (train, epoch and test begin and end, the same logs); no batch-level hooks.
     A non-finite loss ends the run after its epoch, as `TerminateOnNaN` ends `fit`'s.
@@ -227,7 +230,7 @@ def fit_head(
     @tf.function(input_signature=batch, jit_compile=head.jit_compile)
     def train_step(features: tf.Tensor, labels: tf.Tensor) -> None:
         with tf.GradientTape() as tape:
-            loss = measured(features, labels, True)
+            loss = optimizer.scale_loss(measured(features, labels, True))
         optimizer.apply(tape.gradient(loss, weights), weights)
 
     @tf.function(input_signature=batch, jit_compile=head.jit_compile)
