@@ -116,6 +116,8 @@ def test_transfer_model_preprocesses_uint8_pixels_with_its_backbones_function_in
         keras.mixed_precision.set_global_policy("float32")
     assert model.inputs[0].dtype == "uint8"
     layer = model.get_layer("preprocess")
+    again = type(layer).from_config(layer.get_config())  # what saving a whole model would do
+    assert (again.backbone, again.dtype_policy.name) == (name, "float32")
     preprocessed = keras.ops.convert_to_numpy(layer(pixels))
     assert preprocessed.dtype == np.float32
     np.testing.assert_array_equal(preprocessed, get_backbone(name).preprocess_input(pixels.astype(np.float32)))

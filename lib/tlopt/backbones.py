@@ -51,7 +51,8 @@ class Preprocessing(keras.layers.Layer):
     """
 
     def __init__(self, backbone: str, **kwargs) -> None:
-        super().__init__(dtype="float32", **kwargs)
+        kwargs.setdefault("dtype", "float32")
+        super().__init__(**kwargs)
         self.backbone = backbone
         self.preprocess_input = get_backbone(backbone).preprocess_input
 
