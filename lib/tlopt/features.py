@@ -202,16 +202,16 @@ def fit_head(
 ) -> keras.callbacks.History:
     """`head.fit(train, validation_data=val, ...)` at a fraction of its fixed cost.
 
-    `head` is compiled as `training` compiles a run's model: its optimizer (wrapped
-    for loss scaling under mixed precision), the sparse categorical cross-entropy and
-    accuracy. `Model.fit` traces Keras's general train and test steps for every new model: on
-    2 cores 0.3-0.5 s, most of a cached trial's time. These steps do what Keras's do for
-    this model (forward pass, the sparse categorical cross-entropy averaged over the batch,
-    scaled and unscaled by the optimizer, its update; the epoch's loss and accuracy as
-    sample-weighted means) and
-    trace in a fraction of that. The callbacks see what `fit` shows them at the epoch
-    level (train, epoch and test begin and end, the same logs); no batch-level hooks.
-    A non-finite loss ends the run after its epoch, as `TerminateOnNaN` ends `fit`'s.
+    `head` is compiled as `training` compiles a run's model: its optimizer (wrapped for
+    loss scaling under mixed precision), the sparse categorical cross-entropy and
+    accuracy. `Model.fit` traces Keras's general train and test steps for every new
+    model: on 2 cores 0.3-0.5 s, most of a cached trial's time. These steps do what
+    Keras's do for this model (forward pass, the sparse categorical cross-entropy averaged
+    over the batch, scaled and unscaled by the optimizer, its update; the epoch's loss and
+    accuracy as sample-weighted means) and trace in a fraction of that. The callbacks see
+    what `fit` shows them at the epoch level (train, epoch and test begin and end, the
+    same logs); no batch-level hooks. A non-finite loss ends the run after its epoch, as
+    `TerminateOnNaN` ends `fit`'s.
     """
     weights = head.trainable_variables
     optimizer = head.optimizer
