@@ -21,7 +21,6 @@ Run alone: `python bench/kerastuner_side.py` (params/demo.yaml with 2 + 2 trials
 
 from __future__ import annotations
 
-import copy
 import math
 import os
 import tempfile
@@ -36,25 +35,24 @@ import keras
 import keras_tuner
 import pandas as pd
 
-from tlopt import data, optimize, store
+from tlopt import data, optimize
 from tlopt.backbones import build_transfer_model, set_delimiting_layer
-from tlopt.params import load_params, validate
+from tlopt.params import Experiment, load_params
+from tlopt.store import RunFolder
 from tlopt.training import LOSS, make_optimizer
 
 DEMO_PARAMS = Path(__file__).resolve().parent.parent / "params" / "demo.yaml"
 
 
-def comparable(params: dict, initial_points: int, iterations: int) -> dict:
+def comparable(params: Experiment, initial_points: int, iterations: int) -> Experiment:
     """`params` as both sides run them: strategy `joint` alone, `initial_points` + `iterations` trials.
 
     No layer optimization and no nonconvergence filter: KerasTuner has neither.
     """
-    params = copy.deepcopy(params)
-    params["strategies"] = ["joint"]
-    params["layer_optimization"]["enabled"] = False
-    params["training"]["nonconvergence"]["enabled"] = False
-    params["bo"].update(initial_points=initial_points, iterations=iterations)
-    return validate(params)
+    return params.updated({
+        "strategies": ["joint"], "layer_optimization.enabled": False, "training.nonconvergence.enabled": False,
+        "bo.initial_points": initial_points, "bo.iterations": iterations,
+    })
 
 
 @dataclass(frozen=True)
@@ -75,22 +73,22 @@ class Search:
     seed: int
 
     @classmethod
-    def from_params(cls, params: dict) -> Search:
-        if params["learning_rate"]["scale"] != "log":
+    def from_params(cls, params: Experiment) -> Search:
+        if params.learning_rate.scale != "log":
             raise ValueError("the side-by-side searches the learning rate on a log scale")
         return cls(
-            backbones=tuple(params["backbones"]),
-            optimizers=tuple(params["optimizers"]),
-            learning_rate=(params["learning_rate"]["min"], params["learning_rate"]["max"]),
-            initial_points=params["bo"]["initial_points"],
-            trials=params["bo"]["initial_points"] + params["bo"]["iterations"],
-            block_epochs=params["training"]["block_epochs"],
-            finetune_epochs=params["training"]["finetune_epochs"],
-            patience=params["training"]["early_stopping_patience"],
-            image_size=params["data"]["image_size"],
-            batch_size=params["data"]["batch_size"],
-            weights=params["weights"],
-            seed=params["seed"],
+            backbones=tuple(params.backbones),
+            optimizers=tuple(params.optimizers),
+            learning_rate=(params.learning_rate.min, params.learning_rate.max),
+            initial_points=params.bo.initial_points,
+            trials=params.bo.budget,
+            block_epochs=params.training.block_epochs,
+            finetune_epochs=params.training.finetune_epochs,
+            patience=params.training.early_stopping_patience,
+            image_size=params.data.image_size,
+            batch_size=params.data.batch_size,
+            weights=params.weights,
+            seed=params.seed,
         )
 
 
@@ -109,16 +107,16 @@ class SearchResult:
     epochs: int
 
 
-def run_tlopt(params: dict, split_frame: pd.DataFrame) -> SearchResult:
+def run_tlopt(params: Experiment, split_frame: pd.DataFrame) -> SearchResult:
     """tlopt's `joint` strategy on `split_frame`, in a new run folder."""
-    run_dir = store.open_run(params)
-    data.write_manifest(split_frame, run_dir / store.SPLIT_FILE)
+    run = RunFolder.open(params)
+    data.write_manifest(split_frame, run.split_file)
     started, cpu_started = time.perf_counter(), time.process_time()
-    best = optimize.run_strategy(params, "joint", run_dir=run_dir, progress=False)
+    best = optimize.run_strategy(params, "joint", run, progress=False)
     seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
-    records = store.TrialStore(run_dir).records()
-    epochs = sum(phase["epochs"] for record in records for phase in record["phases"].values())
-    return SearchResult(seconds, cpu_seconds, float(best["val_accuracy"]), len(records), epochs)
+    trials = run.trials.records()
+    epochs = sum(phase["epochs"] for trial in trials for phase in trial.phases.values())
+    return SearchResult(seconds, cpu_seconds, float(best.val_accuracy), len(trials), epochs)
 
 
 class TransferHyperModel(keras_tuner.HyperModel):

@@ -37,15 +37,16 @@ import keras
 import pandas as pd
 import tensorflow as tf
 
-from tlopt import data, optimize, store
+from tlopt import data, optimize
 from tlopt.backbones import (
     Preprocessing,
     build_transfer_model,
     default_delimiting_layer,
     set_delimiting_layer,
 )
-from tlopt.params import load_params
-from tlopt.training import LOSS, TrainingSettings, make_optimizer, train_block
+from tlopt.params import Experiment, load_params
+from tlopt.store import RunFolder
+from tlopt.training import LOSS, make_optimizer, train_block
 
 import kerastuner_side
 
@@ -89,13 +90,13 @@ def side_by_side(repeats: int, first: Callable[[int], float],
     return statistics.median(times[0]), statistics.median(times[1])
 
 
-def demo_params(work: Path, run_name: str, overrides: dict | None = None) -> dict:
+def demo_params(work: Path, run_name: str, overrides: dict | None = None) -> Experiment:
     """params/demo.yaml with its data and results under `work`, and dotted-key `overrides`."""
     return load_params(DEMO_PARAMS, {"run_name": run_name, "results_dir": str(work / "results"),
                                      "data.root": str(work / "demo"), **(overrides or {})})
 
 
-def head_cache(frame: pd.DataFrame, names: list[str], settings: TrainingSettings, work: Path,
+def head_cache(frame: pd.DataFrame, names: list[str], config: Experiment, cache_dir: Path, work: Path,
                repeats: int) -> tuple[float, float]:
     """Five block trials: feature cache (extraction included) vs the backbone in every epoch.
 
@@ -104,19 +105,19 @@ def head_cache(frame: pd.DataFrame, names: list[str], settings: TrainingSettings
     The cache files are deleted before each cached repetition, so that it extracts the
     features (and builds the backbone) again.
     """
-    data.cache_images(frame, settings.image_size, settings.cache_dir)
+    data.cache_images(frame, config.data.image_size, cache_dir)
 
     def trials(feature_cache: bool) -> Callable[[int], float]:
         def run(rep: int) -> float:
             if feature_cache:
                 for pattern in ("features-*.npy", "head-*.npz"):
-                    for stale in Path(settings.cache_dir).glob(pattern):
+                    for stale in cache_dir.glob(pattern):
                         stale.unlink()
             started = time.perf_counter()
             for index, (optimizer, rate) in enumerate(HEAD_TRIALS):
                 run_dir = work / f"head-{feature_cache}-{rep}-{index}"
                 train_block(BACKBONE, optimizer, rate, frame, names, run_dir,
-                            dataclasses.replace(settings, feature_cache=feature_cache))
+                            config.updated({"training.feature_cache": feature_cache}), cache_dir)
             return time.perf_counter() - started
         return run
 
@@ -136,7 +137,7 @@ class PipelineTimes:
     preprocess: float
 
 
-def pipeline_epoch(frame: pd.DataFrame, names: list[str], settings: TrainingSettings,
+def pipeline_epoch(frame: pd.DataFrame, names: list[str], config: Experiment, cache_dir: Path,
                    repeats: int) -> PipelineTimes:
     """One epoch of the training rows through the input pipeline alone: image cache vs decoding.
 
@@ -144,12 +145,12 @@ def pipeline_epoch(frame: pd.DataFrame, names: list[str], settings: TrainingSett
     """
     rows = frame[frame["split"] == "train"]
     started = time.perf_counter()
-    cache = data.cache_images(frame, settings.image_size, settings.cache_dir)
+    size, batch_size, seed = config.data.image_size, config.data.batch_size, config.seed
+    cache = data.cache_images(frame, size, cache_dir)
     build = time.perf_counter() - started
 
     def epochs(image_cache: data.ImageCache | None, full: bool) -> Callable[[int], float]:
-        pipeline = data.make_dataset(rows, names, settings.image_size, settings.batch_size, full, settings.seed,
-                                     image_cache)
+        pipeline = data.make_dataset(rows, names, size, batch_size, full, seed, image_cache)
         for _ in pipeline:  # the first pass traces the pipeline's functions
             pass
 
@@ -161,8 +162,7 @@ def pipeline_epoch(frame: pd.DataFrame, names: list[str], settings: TrainingSett
         return run
 
     preprocessing = Preprocessing(BACKBONE)
-    batches = [images for images, _ in data.make_dataset(rows, names, settings.image_size, settings.batch_size,
-                                                         True, settings.seed, cache)]
+    batches = [images for images, _ in data.make_dataset(rows, names, size, batch_size, True, seed, cache)]
 
     def preprocess(rep: int) -> float:
         started = time.perf_counter()
@@ -178,17 +178,18 @@ def pipeline_epoch(frame: pd.DataFrame, names: list[str], settings: TrainingSett
     )
 
 
-def trial_overhead(frame: pd.DataFrame, names: list[str], settings: TrainingSettings, block_epochs: int,
-                   finetune_epochs: int, repeats: int) -> dict[str, float]:
+def trial_overhead(frame: pd.DataFrame, names: list[str], config: Experiment, cache_dir: Path,
+                   repeats: int) -> dict[str, float]:
     """A trial's fixed cost (model build, compile, first-step tracing) and its training, on the fly.
 
     Tracing is the first epoch's time minus a steady epoch's (the median of two more).
     Medians over the repetitions of: the block phase (frozen backbone) and the
     fine-tuning phase (from the default delimiting layer).
     """
-    cache = data.cache_images(frame, settings.image_size, settings.cache_dir)
-    train, val = (data.make_dataset(frame[frame["split"] == split], names, settings.image_size,
-                                    settings.batch_size, split == "train", settings.seed, cache)
+    size = config.data.image_size
+    cache = data.cache_images(frame, size, cache_dir)
+    train, val = (data.make_dataset(frame[frame["split"] == split], names, size, config.data.batch_size,
+                                    split == "train", config.seed, cache)
                   for split in ("train", "val"))
 
     def phase(model: keras.Model) -> tuple[float, float, float]:
@@ -209,7 +210,7 @@ def trial_overhead(frame: pd.DataFrame, names: list[str], settings: TrainingSett
     for _ in range(repeats):
         keras.backend.clear_session()
         started = time.perf_counter()
-        model, base = build_transfer_model(BACKBONE, len(names), settings.image_size, None)
+        model, base = build_transfer_model(BACKBONE, len(names), size, None)
         base.trainable = False
         build = time.perf_counter() - started
         compile_block, trace_block, epoch_block = phase(model)
@@ -226,28 +227,29 @@ def trial_overhead(frame: pd.DataFrame, names: list[str], settings: TrainingSett
     result = {key: statistics.median(values) for key, values in found.items()}
     # A trial builds the model twice (block, then fine-tuning from the block's weights).
     result["overhead"] = 2 * result["build"] + result["compile"] + result["tracing"]
-    result["training"] = block_epochs * result["block_epoch"] + finetune_epochs * result["finetune_epoch"]
+    result["training"] = (config.training.block_epochs * result["block_epoch"]
+                          + config.training.finetune_epochs * result["finetune_epoch"])
     return result
 
 
-def experiment(params: dict, frame: pd.DataFrame) -> tuple[float, float, float, int]:
+def experiment(params: Experiment, frame: pd.DataFrame) -> tuple[float, float, float, int]:
     """Every strategy and layer optimization of `params` in a new run folder.
 
     Returns wall seconds, CPU seconds of the process, the best final validation
     accuracy, and how many cache files (`images-*.npy`, `features-*.npy`) the run folder
     holds afterwards: none means that the switches did not reach the training runs.
     """
-    run_dir = store.open_run(params)
-    data.write_manifest(frame, run_dir / store.SPLIT_FILE)
+    run = RunFolder.open(params)
+    data.write_manifest(frame, run.split_file)
     started, cpu_started = time.perf_counter(), time.process_time()
     finals = []
-    for strategy in params["strategies"]:
-        best = optimize.run_strategy(params, strategy, run_dir=run_dir, progress=False)
-        if params["layer_optimization"]["enabled"]:
-            best = optimize.run_layer_optimization(params, strategy, run_dir=run_dir, progress=False)
-        finals.append(best["val_accuracy"])
+    for strategy in params.strategies:
+        best = optimize.run_strategy(params, strategy, run, progress=False)
+        if params.layer_optimization.enabled:
+            best = optimize.run_layer_optimization(params, strategy, run, progress=False)
+        finals.append(best.val_accuracy)
     seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
-    cache_files = [path for pattern in ("images-*.npy", "features-*.npy") for path in run_dir.rglob(pattern)]
+    cache_files = [path for pattern in ("images-*.npy", "features-*.npy") for path in run.path.rglob(pattern)]
     return seconds, cpu_seconds, max(finals), len(cache_files)
 
 
@@ -296,28 +298,26 @@ def main(argv: list[str] | None = None) -> int:
             "backbones": [BACKBONE], "training.block_epochs": HEAD_EPOCHS,
             "training.early_stopping_patience": HEAD_EPOCHS, "training.nonconvergence.enabled": False,
         })
-        settings = TrainingSettings.from_params(head, cache_dir=work / "cache")
-        size = settings.image_size
+        size = head.data.image_size
 
         print("input pipeline ...", flush=True)
-        pipeline = pipeline_epoch(frame, names, settings, args.repeats)
+        pipeline = pipeline_epoch(frame, names, head, work / "cache", args.repeats)
         kvasir_like = demo_params(work, "kvasir-like", {"data.root": str(work / "kvasir-like"),
                                                        "data.demo.image_size": 576, "data.image_size": 299})
-        settings_299 = dataclasses.replace(settings, image_size=299, cache_dir=str(work / "cache-299"))
-        pipeline_299 = pipeline_epoch(data.prepare_split(kvasir_like, work / "split-299"), names, settings_299,
-                                      args.repeats)
+        pipeline_299 = pipeline_epoch(data.prepare_split(kvasir_like, work / "split-299"), names,
+                                      head.updated({"data.image_size": 299}), work / "cache-299", args.repeats)
         # The classification block at the demo's input size and at its images' own size: at
         # 32 px a VGG16 pass is so cheap that Keras's fixed cost of a run sets the ratio.
         heads = {}
-        for head_size in (size, demo["data"]["demo"]["image_size"]):
+        for head_size in (size, demo.data.demo.image_size):
             print(f"classification block, {len(HEAD_TRIALS)} trials at {head_size} px ...", flush=True)
-            heads[head_size] = head_cache(frame, names, dataclasses.replace(
-                settings, image_size=head_size, cache_dir=str(work / f"cache-head-{head_size}")), work / "runs",
-                args.repeats)
+            heads[head_size] = head_cache(frame, names, head.updated({"data.image_size": head_size}),
+                                          work / f"cache-head-{head_size}", work / "runs", args.repeats)
         head_on, head_off = heads[size]
         print("per-trial overhead ...", flush=True)
-        block_epochs, finetune_epochs = demo["training"]["block_epochs"], demo["training"]["finetune_epochs"]
-        overhead = trial_overhead(frame, names, settings, block_epochs, finetune_epochs, args.repeats)
+        block_epochs, finetune_epochs = demo.training.block_epochs, demo.training.finetune_epochs
+        overhead = trial_overhead(frame, names, demo.updated({"backbones": [BACKBONE]}), work / "cache",
+                                  args.repeats)
 
         experiments = {}
         for caches in (False, True):
@@ -344,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{head_size} px, {'the demo input size' if head_size == size else 'the size of the demo images'}): "
           f"feature cache (extraction included) vs the frozen backbone in every epoch "
           f"| {on:.1f} s | {off:.1f} s | {ratio(off, on)} | >= 8x |" for head_size, (on, off) in heads.items()),
-        *pipeline_rows(pipeline, f"{train_images} demo JPEGs of {demo['data']['demo']['image_size']} px "
+        *pipeline_rows(pipeline, f"{train_images} demo JPEGs of {demo.data.demo.image_size} px "
                                  f"at {size} px"),
         *pipeline_rows(pipeline_299, f"{train_images} Kvasir-sized JPEGs (the demo drawn at 576 px) at 299 px"),
         f"| whole experiment, caches on vs off: params/demo.yaml reduced to strategy `shared` + its layer "

@@ -16,6 +16,13 @@ REPOSITORY = Path(__file__).resolve().parent.parent
 TLOPT = Path(sys.executable).parent / "tlopt"
 
 
+def experiment(values: dict | None = None):
+    """A validated configuration for tests that train without a parameter file; dotted keys set values."""
+    from tlopt.params import validate
+
+    return validate({"data": {"root": "unused"}, "backbones": ["VGG16"]}).updated(values or {})
+
+
 def run_tlopt(*args) -> subprocess.CompletedProcess:
     """The console script, as a user runs it, from the repository root."""
     return subprocess.run([str(TLOPT), *map(str, args)], capture_output=True, text=True, cwd=REPOSITORY)

@@ -42,22 +42,29 @@ class FakeTrainer:
         if self.fail_when is not None and self.fail_when(call):
             raise FloatingPointError("loss became NaN")
 
-    def train_block(self, backbone, optimizer, learning_rate, frame, class_names, run_dir, settings, observers=()):
+    @staticmethod
+    def _weights(folder, phase: str) -> str:
+        """The phase's weights file, as a run leaves it (empty: nothing reads a fake model)."""
+        path = folder.weights(phase)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.touch()
+        return str(path)
+
+    def train_block(self, backbone, optimizer, learning_rate, frame, class_names, folder, config, cache_dir=None,
+                    observers=()):
         call = dict(phase="block", backbone=backbone, optimizer=optimizer, learning_rate=learning_rate,
-                    run_dir=Path(run_dir))
+                    run_dir=Path(folder))
         self.calls.append(call)
         self._maybe_fail(call)
-        path = Path(run_dir) / "block" / "best.weights.h5"
         accuracy = self.score(backbone, optimizer, learning_rate)
-        return FakeResult(accuracy, 1 - accuracy, str(path), "block")
+        return FakeResult(accuracy, 1 - accuracy, self._weights(folder, "block"), "block")
 
     def fine_tune(self, backbone, optimizer, learning_rate, delimiting_layer, block_weights,
-                  frame, class_names, run_dir, settings, observers=()):
+                  frame, class_names, folder, config, cache_dir=None, observers=()):
         call = dict(phase="finetune", backbone=backbone, optimizer=optimizer,
                     learning_rate=learning_rate, delimiting_layer=delimiting_layer,
-                    block_weights=block_weights, run_dir=Path(run_dir))
+                    block_weights=block_weights, run_dir=Path(folder))
         self.calls.append(call)
         self._maybe_fail(call)
-        path = Path(run_dir) / "finetune" / "best.weights.h5"
         accuracy = self.score(backbone, optimizer, learning_rate, delimiting_layer)
-        return FakeResult(accuracy, 1 - accuracy, str(path), "finetune")
+        return FakeResult(accuracy, 1 - accuracy, self._weights(folder, "finetune"), "finetune")

@@ -18,27 +18,26 @@ from tlopt.params import validate
 class FileWritingTrainer(FakeTrainer):
     """FakeTrainer that also leaves what a real run leaves: history.csv and TensorBoard events."""
 
-    def _files(self, result, run_dir, phase):
+    def _files(self, result, folder, phase):
         import tensorflow as tf
 
         history = pd.DataFrame({"epoch": [0, 1], "accuracy": [0.5, 0.6], "loss": [1.0, 0.9],
                                 "val_accuracy": [result.val_accuracy - 0.1, result.val_accuracy],
                                 "val_loss": [1.0, result.val_loss]})
-        (run_dir / phase).mkdir(parents=True, exist_ok=True)
-        history.to_csv(run_dir / phase / "history.csv", index=False)
-        writer = tf.summary.create_file_writer(str(run_dir / "tensorboard" / phase / "validation"))
+        folder.phase_dir(phase).mkdir(parents=True, exist_ok=True)
+        history.to_csv(folder.history(phase), index=False)
+        writer = tf.summary.create_file_writer(str(folder.tensorboard(phase) / "validation"))
         with writer.as_default():
             for row in history.itertuples():
                 tf.summary.scalar("epoch_accuracy", row.val_accuracy, step=row.epoch)
         writer.close()
         return result
 
-    def train_block(self, backbone, optimizer, learning_rate, frame, class_names, run_dir, settings, observers=()):
-        result = super().train_block(backbone, optimizer, learning_rate, frame, class_names, run_dir, settings)
-        return self._files(result, run_dir, "block")
+    def train_block(self, *args, **kwargs):
+        return self._files(super().train_block(*args, **kwargs), kwargs["folder"], "block")
 
-    def fine_tune(self, *args, observers=()):
-        return self._files(super().fine_tune(*args), args[-2], "finetune")
+    def fine_tune(self, *args, **kwargs):
+        return self._files(super().fine_tune(*args, **kwargs), kwargs["folder"], "finetune")
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +80,7 @@ def test_trials_table_shows_the_decoded_choice_and_the_result(run):
 
 def test_epoch_history_takes_the_wall_clock_from_tensorboard(run):
     _, run_dir = run
-    trials = optimize.read_trials(run_dir)
+    trials = analysis.read_trials(run_dir)
     history = analysis.epoch_history(run_dir, trials)
     shared_model = history[(history["strategy"] == "shared") & (history["step"] == "model")]
     assert len(shared_model) == 4 * 2 * 2  # trials x phases x epochs
@@ -100,7 +99,7 @@ def test_strategy_summary_has_the_final_model_of_each_strategy(run):
     assert summary.loc["shared", "final_trial"] == best["final"]["id"]
     assert summary.loc["shared", "delimiting_layer"] == best["final"]["setup"]["delimiting_layer"]
     assert summary.loc["shared", "model_val_accuracy"] == best["model"]["val_accuracy"]
-    trials = optimize.read_trials(run_dir)
+    trials = analysis.read_trials(run_dir)
     assert summary.loc["shared", "trials"] == (trials["strategy"] == "shared").sum()
     assert summary.loc["shared", "minutes"] == pytest.approx(trials.loc[trials["strategy"] == "shared", "seconds"].sum() / 60)
 
@@ -115,8 +114,8 @@ def test_final_model_evaluation_predicts_the_split_with_the_final_weights(run):
             return np.array([0, 1, 1, 1])  # a, a, b, b predicted as a, b, b, b
 
     evaluation = analysis.evaluate_final_model(params, run_dir, "shared", "val", trainer=Predictor())
-    final = analysis.final_record(run_dir, "shared")
-    assert calls == [(final["setup"]["backbone"], final["weights"], ["val"] * 4, ["a", "b"])]
+    final = analysis.final_trial(run_dir, "shared")
+    assert calls == [(final.setup["backbone"], final.weights, ["val"] * 4, ["a", "b"])]
     assert evaluation.confusion.loc["a"].tolist() == [1, 1] and evaluation.confusion.loc["b"].tolist() == [0, 2]
     assert evaluation.metrics.loc["a", "REC"] == 0.5 and evaluation.metrics.loc["Average", "ACC"] == 0.75
 

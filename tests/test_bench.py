@@ -40,15 +40,15 @@ def test_comparable_parameters_and_the_search_kerastuner_gets_from_them(tmp_path
 
     demo = load_params(kerastuner_side.DEMO_PARAMS, {"results_dir": str(tmp_path)})
     params = kerastuner_side.comparable(demo, initial_points=2, iterations=1)
-    assert params["strategies"] == ["joint"] and not params["layer_optimization"]["enabled"]
-    assert not params["training"]["nonconvergence"]["enabled"]
+    assert params.strategies == ["joint"] and not params.layer_optimization.enabled
+    assert not params.training.nonconvergence.enabled
     search = kerastuner_side.Search.from_params(params)
     assert search.trials == 3 and search.initial_points == 2
-    assert search.backbones == tuple(demo["backbones"]) and search.optimizers == tuple(demo["optimizers"])
-    assert search.learning_rate == (demo["learning_rate"]["min"], demo["learning_rate"]["max"])
+    assert search.backbones == tuple(demo.backbones) and search.optimizers == tuple(demo.optimizers)
+    assert search.learning_rate == (demo.learning_rate.min, demo.learning_rate.max)
     assert (search.block_epochs, search.finetune_epochs, search.patience) == (
-        demo["training"]["block_epochs"], demo["training"]["finetune_epochs"],
-        demo["training"]["early_stopping_patience"],
+        demo.training.block_epochs, demo.training.finetune_epochs,
+        demo.training.early_stopping_patience,
     )
 
 

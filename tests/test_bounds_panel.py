@@ -3,7 +3,8 @@
 import pytest
 
 from tlopt.errors import ConfigError
-from tlopt.params import PANEL_KEYS, bounds_panel, load_params
+from tlopt.panel import PANEL_KEYS, bounds_panel
+from tlopt.params import load_params
 
 
 @pytest.fixture
@@ -27,13 +28,13 @@ def test_save_writes_the_edited_values_as_a_new_valid_parameter_file(tmp_path, p
 
     assert saved == panel.saved_path == panel.params_file == tmp_path / "exp_edited.yaml"
     edited = load_params(saved)
-    assert edited["run_name"] == "fewer"
-    assert edited["backbones"] == ["VGG16", "MobileNetV3Small"] and edited["optimizers"] == ["Adam"]
-    assert edited["learning_rate"]["min"] == 0.001 and edited["bo"]["iterations"] == 4
-    assert edited["training"]["nonconvergence"]["enabled"] is False
-    assert edited["data"] == load_params(params_file)["data"], "what the panel does not show is kept"
-    assert edited["data"]["root"] == str(tmp_path / "images")
-    assert load_params(params_file)["bo"]["iterations"] == 10, "the original file is not changed"
+    assert edited.run_name == "fewer"
+    assert edited.backbones == ["VGG16", "MobileNetV3Small"] and edited.optimizers == ["Adam"]
+    assert edited.learning_rate.min == 0.001 and edited.bo.iterations == 4
+    assert edited.training.nonconvergence.enabled is False
+    assert edited.data == load_params(params_file).data, "what the panel does not show is kept"
+    assert edited.data.root == str(tmp_path / "images")
+    assert load_params(params_file).bo.iterations == 10, "the original file is not changed"
 
 
 def test_invalid_values_are_not_saved(tmp_path, params_file):
@@ -56,7 +57,7 @@ def test_the_save_button_reports_errors_in_the_panel(tmp_path, params_file):
     panel.widgets["optimizers"].value = ("SGD",)
     panel._on_save(status)
     assert status.value.startswith(f"Saved {tmp_path / 'exp_edited.yaml'} ")
-    assert load_params(tmp_path / "exp_edited.yaml")["optimizers"] == ["SGD"]
+    assert load_params(tmp_path / "exp_edited.yaml").optimizers == ["SGD"]
 
 
 def test_headless_the_panel_shows_the_values_and_changes_nothing(tmp_path, params_file):

@@ -201,9 +201,9 @@ def test_panel_saves_a_parameter_file_and_the_search_shows_live_feedback(workspa
     cells.nth(panel_cell).screenshot(path=workspace / "panel.png")
     assert saved == workspace / "tiny_edited.yaml", "the edited file goes next to the one it edits"
     edited = load_params(saved)
-    assert edited["run_name"] == EDITED["run_name"] and edited["backbones"] == EDITED["backbones"]
+    assert edited.run_name == EDITED["run_name"] and edited.backbones == EDITED["backbones"]
     original = load_params(workspace / "tiny.yaml")
-    assert edited["learning_rate"] == {**original["learning_rate"], "max": EDITED["learning_rate.max"]}
+    assert edited.learning_rate == original.learning_rate.model_copy(update={"max": EDITED["learning_rate.max"]})
 
     # 01 searches on the split that 00 writes: run 00 on the saved file, as `tlopt run` would.
     execute(workspace / "notebooks" / "00_data_split.ipynb", workspace / "00_data_split.ipynb",

@@ -4,7 +4,6 @@ Training runs use VGG16 with random weights at 32 px, as in test_training.py: th
 batch-normalised backbones give near-zero features with random weights in inference mode.
 """
 
-import dataclasses
 import os
 
 import keras
@@ -17,13 +16,18 @@ from PIL import Image
 from tlopt import data, features, training
 from tlopt.backbones import build_transfer_model, get_backbone, layer_count
 from tlopt.errors import DataError
-from tlopt.training import TrainingSettings, fine_tune, train_block
+from conftest import experiment
+from tlopt.params import THESIS_OPTIMIZERS
+from tlopt.training import fine_tune, train_block
 
 BACKBONE = "VGG16"
 SIZE = 32
-SETTINGS = TrainingSettings(
-    image_size=SIZE, batch_size=16, block_epochs=5, early_stopping_patience=5, nonconvergence=False, weights=None
-)
+SETTINGS = experiment({
+    "data.image_size": SIZE, "data.batch_size": 16, "training.block_epochs": 5,
+    "training.early_stopping_patience": 5, "training.nonconvergence.enabled": False, "weights": None,
+    "data.image_cache": False, "training.feature_cache": False,
+})
+CACHED = SETTINGS.updated({"data.image_cache": True, "training.feature_cache": True})
 
 
 @pytest.fixture(scope="module")
@@ -134,12 +138,11 @@ def test_image_cache_errors(manifest, tmp_path):
 
 def test_cached_features_are_the_backbone_output_on_flipped_preprocessed_images(manifest, tmp_path):
     frame, names = manifest
-    settings = dataclasses.replace(SETTINGS, cache_dir=str(tmp_path))
     rows = frame.iloc[::7]
     keras.utils.set_random_seed(0)
     model, base = build_transfer_model(BACKBONE, len(names), SIZE, None)
 
-    vectors = features.pooled_features(model, BACKBONE, rows, names, features.ALL_FLIPS, settings)
+    vectors = features.pooled_features(model, BACKBONE, rows, names, features.ALL_FLIPS, SETTINGS, tmp_path)
 
     pixels, _ = _epoch(data.make_dataset(rows, names, SIZE, 16, False))
     flips = {
@@ -156,7 +159,7 @@ def test_cached_features_are_the_backbone_output_on_flipped_preprocessed_images(
     assert not np.allclose(vectors[0], vectors[1])  # the flips matter
 
     files = _cache_files(tmp_path)
-    again = features.pooled_features(model, BACKBONE, rows, names, features.ALL_FLIPS, settings)
+    again = features.pooled_features(model, BACKBONE, rows, names, features.ALL_FLIPS, SETTINGS, tmp_path)
     np.testing.assert_array_equal(again, vectors)
     assert _cache_files(tmp_path) == files and len(files) == 1  # read back, not extracted again
     keras.backend.clear_session()
@@ -164,27 +167,24 @@ def test_cached_features_are_the_backbone_output_on_flipped_preprocessed_images(
 
 def test_the_feature_cache_key_separates_what_changes_the_features(manifest, tmp_path):
     frame, _ = manifest
-    settings = dataclasses.replace(SETTINGS, cache_dir=str(tmp_path))
     rows = frame.iloc[:10]
-    path = features.features_path(BACKBONE, rows, features.ALL_FLIPS, settings)
+
+    def path_of(backbone=BACKBONE, rows=rows, variants=features.ALL_FLIPS, **changes):
+        return features.features_path(backbone, rows, variants, SETTINGS.updated(changes), tmp_path)
+
+    path = path_of()
     variations = [
-        features.features_path("VGG19", rows, features.ALL_FLIPS, settings),
-        features.features_path(BACKBONE, frame.iloc[:11], features.ALL_FLIPS, settings),
-        features.features_path(BACKBONE, rows.iloc[::-1], features.ALL_FLIPS, settings),
-        features.features_path(BACKBONE, rows, features.NO_FLIP, settings),
-        *(
-            features.features_path(BACKBONE, rows, features.ALL_FLIPS, dataclasses.replace(settings, **change))
-            for change in ({"image_size": 40}, {"pooling": "avg"}, {"seed": 1}, {"weights": "imagenet"})
-        ),
+        path_of("VGG19"),
+        path_of(rows=frame.iloc[:11]),
+        path_of(rows=rows.iloc[::-1]),
+        path_of(variants=features.NO_FLIP),
+        *(path_of(**change) for change in (
+            {"data.image_size": 40}, {"pooling": "avg"}, {"seed": 1}, {"weights": "imagenet"})),
     ]
     assert path not in variations and len(set(variations)) == len(variations)
     # The seed only matters for random weights; training settings never matter.
-    same = {"block_epochs": 1, "batch_size": 4, "feature_cache": False}
-    assert features.features_path(BACKBONE, rows, features.ALL_FLIPS, dataclasses.replace(settings, **same)) == path
-    imagenet = dataclasses.replace(settings, weights="imagenet")
-    assert features.features_path(BACKBONE, rows, features.ALL_FLIPS, imagenet) == features.features_path(
-        BACKBONE, rows, features.ALL_FLIPS, dataclasses.replace(imagenet, seed=1)
-    )
+    assert path_of(**{"training.block_epochs": 1, "data.batch_size": 4, "training.feature_cache": True}) == path
+    assert path_of(weights="imagenet") == path_of(weights="imagenet", seed=1)
 
 
 def test_feature_batches_draw_each_flip_variant_per_image_per_epoch():
@@ -238,7 +238,7 @@ class _Logs(keras.callbacks.Callback):
 
 @pytest.mark.parametrize(
     ("optimizer", "policy"),
-    [(name, "float32") for name in training.OPTIMIZERS] + [("Adam", "mixed_float16"), ("SGD", "mixed_float16")],
+    [(name, "float32") for name in THESIS_OPTIMIZERS] + [("Adam", "mixed_float16"), ("SGD", "mixed_float16")],
 )
 def test_fit_head_trains_the_head_as_model_fit_does(optimizer, policy):
     rng = np.random.default_rng(0)
@@ -278,11 +278,10 @@ def runs(manifest, tmp_path_factory):
     """The same classification-block run on the fly and from the caches."""
     frame, names = manifest
     folder = tmp_path_factory.mktemp("runs")
-    cached = dataclasses.replace(SETTINGS, image_cache=True, feature_cache=True, cache_dir=str(folder / "cache"))
     return {
         "on_the_fly": train_block(BACKBONE, "Adam", 0.01, frame, names, folder / "on_the_fly", SETTINGS),
-        "cached": train_block(BACKBONE, "Adam", 0.01, frame, names, folder / "cached", cached),
-        "settings": cached,
+        "cached": train_block(BACKBONE, "Adam", 0.01, frame, names, folder / "cached", CACHED, folder / "cache"),
+        "cache_dir": folder / "cache",
     }
 
 
@@ -291,7 +290,7 @@ def test_head_trained_from_the_cache_matches_the_on_the_fly_run(runs, manifest):
     on_the_fly, cached = runs["on_the_fly"], runs["cached"]
     val_images = len(manifest[0].query("split == 'val'"))
     # The same draws of order and flips: equal up to float rounding (measured: equal to 4 decimals).
-    assert cached.epochs == on_the_fly.epochs == SETTINGS.block_epochs
+    assert cached.epochs == on_the_fly.epochs == SETTINGS.training.block_epochs
     for row, reference in zip(cached.history, on_the_fly.history):
         assert abs(row["val_accuracy"] - reference["val_accuracy"]) <= 1 / val_images + 1e-6
         assert row["loss"] == pytest.approx(reference["loss"], rel=1e-3)
@@ -333,27 +332,26 @@ def test_fine_tuning_starts_from_the_cached_run_and_reads_the_image_cache(runs, 
     """With a learning rate of 0 and the whole backbone frozen, fine-tuning's first epoch is the block's best."""
     frame, names = manifest
     cached = runs["cached"]
-    settings = dataclasses.replace(runs["settings"], finetune_epochs=1)
-    files = _cache_files(settings.cache_dir)
+    files = _cache_files(runs["cache_dir"])
     result = fine_tune(
-        BACKBONE, "SGD", 0.0, layer_count(BACKBONE), cached.weights_path, frame, names, tmp_path, settings
+        BACKBONE, "SGD", 0.0, layer_count(BACKBONE), cached.weights_path, frame, names, tmp_path,
+        CACHED.updated({"training.finetune_epochs": 1}), runs["cache_dir"],
     )
     assert result.val_accuracy == cached.val_accuracy
     assert result.val_loss == pytest.approx(cached.val_loss, rel=1e-4)
-    assert _cache_files(settings.cache_dir) == files
+    assert _cache_files(runs["cache_dir"]) == files
 
 
 @pytest.mark.slow
 def test_feature_and_image_caches_are_shared_by_later_trials(runs, manifest, tmp_path):
     frame, names = manifest
-    settings = runs["settings"]
-    files = _cache_files(settings.cache_dir)
+    files = _cache_files(runs["cache_dir"])
     # train and val features, the Dense layer's initial weights, the images
     assert sorted(name.split("-")[0] for name in files) == ["features", "features", "head", "images"]
 
-    other = train_block(BACKBONE, "SGD", 0.05, frame, names, tmp_path, settings)
+    other = train_block(BACKBONE, "SGD", 0.05, frame, names, tmp_path, CACHED, runs["cache_dir"])
 
-    assert _cache_files(settings.cache_dir) == files  # nothing extracted or decoded again
+    assert _cache_files(runs["cache_dir"]) == files  # nothing extracted or decoded again
     assert other.history != runs["cached"].history
 
 
@@ -363,9 +361,9 @@ def test_feature_and_image_caches_are_shared_by_later_trials(runs, manifest, tmp
 @pytest.mark.slow
 def test_gpu_switches_on_a_cpu_warn_and_change_nothing(runs, manifest, tmp_path):
     frame, names = manifest
-    settings = dataclasses.replace(runs["settings"], mixed_precision=True, jit_compile=True)
+    settings = CACHED.updated({"training.mixed_precision": True, "training.jit_compile": True})
     with pytest.warns(RuntimeWarning) as warned:
-        result = train_block(BACKBONE, "Adam", 0.01, frame, names, tmp_path, settings)
+        result = train_block(BACKBONE, "Adam", 0.01, frame, names, tmp_path, settings, runs["cache_dir"])
     messages = {str(w.message).split(" is for GPUs")[0] for w in warned if w.category is RuntimeWarning}
     assert messages == {"training.mixed_precision", "training.jit_compile"}
     assert result.history == runs["cached"].history  # float32, no XLA: the same run
@@ -383,10 +381,9 @@ def test_mixed_precision_on_a_gpu_sets_the_policy_for_the_run_only(manifest, tmp
     monkeypatch.setattr(
         keras.mixed_precision, "set_global_policy", lambda policy: (policies.append(str(policy)), set_policy(policy))
     )
-    caches = {"image_cache": cached, "feature_cache": cached, "cache_dir": str(tmp_path / "cache")}
-    settings = dataclasses.replace(SETTINGS, block_epochs=1, mixed_precision=True, **caches)
+    settings = (CACHED if cached else SETTINGS).updated({"training.block_epochs": 1, "training.mixed_precision": True})
 
-    result = train_block(BACKBONE, "Adam", 0.01, frame, names, tmp_path, settings)
+    result = train_block(BACKBONE, "Adam", 0.01, frame, names, tmp_path, settings, tmp_path / "cache")
 
     assert policies[0] == "mixed_float16" and keras.mixed_precision.global_policy().name == "float32"
     assert np.isfinite(result.history[0]["loss"]) and result.val_accuracy > 0

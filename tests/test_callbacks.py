@@ -7,7 +7,8 @@ import pytest
 
 from tlopt.callbacks import NonconvergenceFiltering, run_callbacks
 from tlopt.errors import ConfigError
-from tlopt.training import TrainingSettings
+from tlopt.params import Training
+from tlopt.store import TrialFolder
 
 
 @pytest.fixture(autouse=True)
@@ -117,8 +118,8 @@ def _by_type(callbacks):
 
 
 def test_run_callbacks_are_the_thesis_list(tmp_path):
-    settings = TrainingSettings(early_stopping_patience=4, nonconvergence_threshold=0.3, nonconvergence_patience=2)
-    callbacks = _by_type(run_callbacks(tmp_path / "block", tmp_path / "tensorboard" / "block", settings))
+    settings = Training(early_stopping_patience=4, nonconvergence={"threshold": 0.3, "patience": 2})
+    callbacks = _by_type(run_callbacks(TrialFolder(tmp_path), "block", settings))
     assert set(callbacks) == {"CSVLogger", "BestWeights", "TensorBoard", "EarlyStopping", "NonconvergenceFiltering"}
     checkpoint = callbacks["BestWeights"]
     assert isinstance(checkpoint, keras.callbacks.ModelCheckpoint)
@@ -132,13 +133,13 @@ def test_run_callbacks_are_the_thesis_list(tmp_path):
 
 
 def test_nonconvergence_filtering_can_be_switched_off(tmp_path):
-    callbacks = run_callbacks(tmp_path, tmp_path / "tb", TrainingSettings(nonconvergence=False))
+    callbacks = run_callbacks(TrialFolder(tmp_path), "block", Training(nonconvergence={"enabled": False}))
     assert "NonconvergenceFiltering" not in _by_type(callbacks)
 
 
 def test_run_callbacks_write_history_best_weights_and_tensorboard(tmp_path):
     phase_dir, tensorboard_dir = tmp_path / "block", tmp_path / "tensorboard" / "block"
-    callbacks = run_callbacks(phase_dir, tensorboard_dir, TrainingSettings(early_stopping_patience=50))
+    callbacks = run_callbacks(TrialFolder(tmp_path), "block", Training(early_stopping_patience=50))
     _fit(callbacks, epochs=3)
     history = pd.read_csv(phase_dir / "history.csv")
     assert list(history["epoch"]) == [0, 1, 2]

@@ -11,6 +11,7 @@ import pytest
 
 from tlopt import cli
 from tlopt.params import validate
+from tlopt.strategies import REGISTRY
 
 TLOPT = Path(sys.executable).parent / "tlopt"
 
@@ -104,7 +105,7 @@ def test_plan_runs_each_strategy_then_its_layer_optimization_then_the_analysis(t
     ]
     parameters = {name: extra for name, _, extra in steps}
     assert parameters["01_shared_strategy-joint"] == {"strategy": "joint", "interactive": False}
-    assert parameters["03_separate_optimizations"] == {"interactive": False}
+    assert parameters["03_separate_optimizations"] == {"strategy": "separate_optimizations", "interactive": False}
     assert parameters["04_layer_optimization-joint"] == {"strategy": "joint", "interactive": False}
     assert parameters["05_analysis"] == {}
     assert {source for _, source, _ in steps} <= {path.stem for path in cli.SOURCE_NOTEBOOKS.glob("*.ipynb")}
@@ -113,6 +114,15 @@ def test_plan_runs_each_strategy_then_its_layer_optimization_then_the_analysis(t
 def test_plan_without_layer_optimization(tmp_path):
     params = validate({"data": {"root": str(tmp_path)}, "layer_optimization": {"enabled": False}})
     assert [name for name, _, _ in cli.plan(params, ["shared"])] == ["00_data_split", "01_shared_strategy", "05_analysis"]
+
+
+def test_every_registered_strategy_names_a_notebook_that_takes_it_as_a_parameter():
+    import nbformat
+
+    for name, entry in REGISTRY.items():
+        notebook = nbformat.read(cli.SOURCE_NOTEBOOKS / f"{entry.notebook}.ipynb", as_version=4)
+        [parameters] = [cell for cell in notebook.cells if "parameters" in cell.metadata.get("tags", [])]
+        assert "\nstrategy = " in f"\n{parameters.source}", f"{entry.notebook} has no strategy parameter"
 
 
 def test_finished_means_executed_to_the_end_without_error(tmp_path):

@@ -11,14 +11,21 @@ from pathlib import Path
 
 import pytest
 
-from tlopt import store
 from conftest import REPOSITORY, TLOPT
+from tlopt.files import atomic_write_json
+from tlopt.store import RunFolder
+from tlopt.trials import Trial, TrialState
+
+
+def trial(index):
+    return Trial(f"t-{index}", "s", "model", index, "initial", [0.0], {}, "", TrialState.OK)
 
 WRITER = textwrap.dedent(
     """
     import os, sys, time
     from pathlib import Path
-    from tlopt import store
+    from tlopt.store import RunFolder
+    from tlopt.trials import Trial, TrialState
 
     real_fsync = os.fsync
 
@@ -29,7 +36,7 @@ WRITER = textwrap.dedent(
         real_fsync(fd)
 
     os.fsync = slow_fsync
-    store.TrialStore(Path(sys.argv[1])).append({"id": "t-3", "strategy": "s", "step": "model"})
+    RunFolder(Path(sys.argv[1])).trials.append(Trial("t-3", "s", "model", 3, "initial", [0.0], {}, "", TrialState.OK))
     """
 )
 
@@ -42,9 +49,9 @@ def wait_for(path, seconds=30.0):
 
 
 def test_sigkill_while_a_trial_record_is_written_keeps_the_store_whole(tmp_path):
-    trials = store.TrialStore(tmp_path)
+    trials = RunFolder(tmp_path).trials
     for index in range(3):
-        trials.append({"id": f"t-{index}", "strategy": "s", "step": "model"})
+        trials.append(trial(index))
     before = trials.path.read_bytes()
     marker = tmp_path / "writing"
     process = subprocess.Popen([sys.executable, "-c", WRITER, str(tmp_path), str(marker)])
@@ -55,10 +62,10 @@ def test_sigkill_while_a_trial_record_is_written_keeps_the_store_whole(tmp_path)
         process.wait(timeout=30)
     assert process.returncode == -signal.SIGKILL
     assert trials.path.read_bytes() == before
-    assert [r["id"] for r in trials.records()] == ["t-0", "t-1", "t-2"]
+    assert [r.id for r in trials.records()] == ["t-0", "t-1", "t-2"]
     leftovers = [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
     assert leftovers, "the killed writer's temporary file is where a half write would be"
-    trials.append({"id": "t-3", "strategy": "s", "step": "model"})
+    trials.append(trial(3))
     assert [json.loads(line)["id"] for line in trials.path.read_text().splitlines()] == [
         "t-0", "t-1", "t-2", "t-3"
     ]
@@ -66,8 +73,8 @@ def test_sigkill_while_a_trial_record_is_written_keeps_the_store_whole(tmp_path)
 
 def test_atomic_write_replaces_whole_files_only(tmp_path):
     path = tmp_path / "best.json"
-    store.atomic_write_json(path, {"a": 1})
-    store.atomic_write_json(path, {"a": 2})
+    atomic_write_json(path, {"a": 1})
+    atomic_write_json(path, {"a": 2})
     assert json.loads(path.read_text()) == {"a": 2}
     assert os.listdir(tmp_path) == ["best.json"]
     umask = os.umask(0)
@@ -82,7 +89,7 @@ def start_tlopt(*args):
 
 
 def trial_lines(run_dir):
-    path = run_dir / store.TRIALS_FILE
+    path = RunFolder(run_dir).trials_file
     return path.read_text().splitlines() if path.is_file() else []
 
 
@@ -90,7 +97,7 @@ def trial_lines(run_dir):
 def test_sigkill_in_the_middle_of_a_trial_then_resume(ci_params, finished_run):
     """Killed mid-trial and resumed, the run equals the uninterrupted one (same seed)."""
     ci_file = ci_params
-    uninterrupted = store.TrialStore(finished_run[0]).records()
+    uninterrupted = RunFolder(finished_run[0]).trials.records()
     run_dir = ci_file.parent / "results" / "killed"
     process = start_tlopt("run", ci_file, "--name", "killed", "--strategy", "shared")
     deadline = time.time() + 600
@@ -111,13 +118,13 @@ def test_sigkill_in_the_middle_of_a_trial_then_resume(ci_params, finished_run):
     resumed = subprocess.run([str(TLOPT), "run", ci_file, "--resume", run_dir, "--strategy", "shared"],
                              cwd=REPOSITORY, capture_output=True, text=True, timeout=900)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
-    after = store.TrialStore(run_dir).records()
+    after = RunFolder(run_dir).trials.records()
     lines = trial_lines(run_dir)
-    assert len(lines) == len(after) == len({r["id"] for r in after}) == len(uninterrupted)
-    assert [r["id"] for r in after] == [r["id"] for r in uninterrupted]
-    assert {r["id"]: Path(r["weights"]).stat().st_mtime_ns for r in after if r["id"] in finished_weights} == \
+    assert len(lines) == len(after) == len({r.id for r in after}) == len(uninterrupted)
+    assert [r.id for r in after] == [r.id for r in uninterrupted]
+    assert {r.id: Path(r.weights).stat().st_mtime_ns for r in after if r.id in finished_weights} == \
         finished_weights, "a trial that had finished before the kill ran again"
     # Same seed, same machine: the resumed run suggested and measured what the uninterrupted one did.
-    assert [r["x"] for r in after] == [r["x"] for r in uninterrupted]
-    assert [r["val_accuracy"] for r in after] == [r["val_accuracy"] for r in uninterrupted]
+    assert [r.x for r in after] == [r.x for r in uninterrupted]
+    assert [r.val_accuracy for r in after] == [r.val_accuracy for r in uninterrupted]
     assert (run_dir / "report.html").is_file()

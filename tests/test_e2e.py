@@ -29,7 +29,7 @@ def test_the_run_writes_every_file_of_the_results_layout(finished_run):
     for name in ("params.yaml", "environment.json", "split.csv", "trials.jsonl", "report.html",
                  "shared/best.json"):
         assert (run_dir / name).is_file(), name
-    assert load_params(run_dir / "params.yaml")["run_name"] == "e2e"
+    assert load_params(run_dir / "params.yaml").run_name == "e2e"
 
     trials = [json.loads(line) for line in (run_dir / "trials.jsonl").read_text().splitlines()]
     assert [t["id"] for t in trials] == [f"shared-{step}-{i:03d}" for step in ("model", "layers") for i in range(3)]

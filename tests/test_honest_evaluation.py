@@ -1,10 +1,13 @@
 """Honest evaluation: test predictions made once, failures and stops reported, Nerthus warned."""
 
+import json
+
 import numpy as np
 import pandas as pd
 
 from fakes import FakeTrainer
-from tlopt import analysis, optimize, store
+from tlopt import analysis, optimize
+from tlopt.store import RunFolder
 from tlopt.data import write_manifest
 from tlopt.params import validate
 
@@ -44,8 +47,9 @@ def test_the_test_split_is_predicted_once_and_shown_beside_validation(tmp_path):
     again = analysis.evaluate_final_model(params, run_dir, "shared", "test", trainer=predictor)
     assert predictor.calls == [4, 4], "the test split must be predicted exactly once"
     pd.testing.assert_frame_equal(again.metrics, evaluations[1].metrics)
-    stored = store.read_json(run_dir / "shared" / "predictions-test.json")
-    assert stored["trial"] == store.read_json(run_dir / "shared" / "best.json")["final"]["id"]
+    run = RunFolder(run_dir)
+    stored = json.loads(run.predictions_file("shared", "test").read_text())
+    assert stored["trial"] == run.read_best("shared")["final"]["id"]
     table = analysis.validation_and_test(evaluations)
     assert list(table.index) == ["shared"]
     assert table[("val", "ACC")].iloc[0] == evaluations[0].metrics.loc["Average", "ACC"]
@@ -55,7 +59,7 @@ def test_the_test_split_is_predicted_once_and_shown_beside_validation(tmp_path):
 def test_failed_trials_and_stops_are_counted_per_strategy(tmp_path):
     trainer = FakeTrainer(fail_when=lambda call: call["run_dir"].name in ("shared-model-000", "shared-layers-001"))
     _, run_dir = make_run(tmp_path, trainer)
-    trials = store.read_trials(run_dir)
+    trials = analysis.read_trials(run_dir)
     failed = analysis.failed_trials(trials)
     assert list(failed["id"]) == ["shared-model-000", "shared-layers-001"]
     assert set(failed["error"]) == {"FloatingPointError: loss became NaN"}

@@ -36,10 +36,10 @@ def tiny_fit(callback, epochs):
 def test_one_output_updated_every_epoch_for_every_run():
     display = FakeDisplay()
     live = LiveAccuracy("shared", display=display)
-    live.start_trial("shared-model-000")
+    live.trial_begin(None, "shared-model-000")
     tiny_fit(live, epochs=3)
     tiny_fit(live, epochs=2)
-    live.start_trial("shared-model-001")
+    live.trial_begin(None, "shared-model-001")
     tiny_fit(live, epochs=2)
     assert len(display.calls) == 1
     assert len(display.handle.updates) == 3 + 2 + 2 - 1

@@ -4,6 +4,7 @@ Every test here injects `FakeTrainer` (tests/fakes.py), so GPyOpt runs for
 real while no network is trained.
 """
 
+import dataclasses
 import json
 
 import numpy as np
@@ -12,12 +13,14 @@ import pytest
 import yaml
 
 from fakes import FakeResult, FakeTrainer, peaked_score
-from tlopt import backbones, optimize, store
+from tlopt import backbones, bo, optimize
 from tlopt.data import write_manifest
 from tlopt.errors import ConfigError
 from tlopt.params import validate
-from tlopt.space import Layer, SearchSpace, build_space
-from tlopt.strategies import Outcome
+from tlopt.space import Layer, SearchSpace
+from tlopt.store import RunFolder
+from tlopt.strategies import Outcome, layer_space
+from tlopt.trials import TrialState, best_trial
 
 
 def make_params(tmp_path, **bo):
@@ -44,9 +47,12 @@ def run_dir(tmp_path):
     return run_dir
 
 
+def records(run_dir):
+    return RunFolder(run_dir).trials.records()
+
+
 def x_sequence(run_dir, strategy=None):
-    return [(r["id"], r["x"]) for r in store.TrialStore(run_dir).records()
-            if strategy is None or r["strategy"] == strategy]
+    return [(r.id, r.x) for r in records(run_dir) if strategy is None or r.strategy == strategy]
 
 
 def test_bo_finds_the_peak_and_beats_random_on_average(tmp_path):
@@ -58,15 +64,15 @@ def test_bo_finds_the_peak_and_beats_random_on_average(tmp_path):
     best = {"bayesian": [], "random": []}
     for seed in range(4):
         for method in best:
-            params = make_params(tmp_path / f"{method}{seed}", method=method, initial_points=5, iterations=10)
-            params["seed"] = seed
+            params = make_params(tmp_path / f"{method}{seed}", method=method, initial_points=5,
+                                 iterations=10).updated({"seed": seed})
             run_dir = tmp_path / f"{method}{seed}" / "results" / "t"
             write_manifest(pd.DataFrame({"path": ["/a.jpg", "/b.jpg"], "label": ["a", "b"],
                                          "group": ["a", "b"], "split": ["train", "val"]}), run_dir / "split.csv")
             best[method].append(optimize.run_strategy(params, "shared", trainer=FakeTrainer(), progress=False))
     for record in best["bayesian"]:
-        assert abs(np.log10(record["hyperparameters"]["learning_rate"]) + 2) < 0.25
-    accuracy = {method: np.mean([r["val_accuracy"] for r in records]) for method, records in best.items()}
+        assert abs(np.log10(record.hyperparameters["learning_rate"]) + 2) < 0.25
+    accuracy = {method: np.mean([r.val_accuracy for r in trials]) for method, trials in best.items()}
     assert accuracy["bayesian"] > accuracy["random"] + 0.05, accuracy
     assert accuracy["bayesian"] > 0.75 * peaked_score("VGG16", "Adam", 1e-2)
 
@@ -75,42 +81,41 @@ def test_routing_of_each_strategy(tmp_path, run_dir):
     params = make_params(tmp_path)
     trainer = FakeTrainer()
     optimize.run_strategy(params, "shared", trainer=trainer, progress=False)
-    records = store.TrialStore(run_dir).of_step("shared", "model")
-    for record in records:
-        hp = record["hyperparameters"]
-        block, finetune = [c for c in trainer.calls if c["run_dir"].name == record["id"]]
+    for record in RunFolder(run_dir).trials.of_step("shared", "model"):
+        hp = record.hyperparameters
+        block, finetune = [c for c in trainer.calls if c["run_dir"].name == record.id]
         assert (block["phase"], finetune["phase"]) == ("block", "finetune")
         for call in (block, finetune):
             assert (call["backbone"], call["optimizer"], call["learning_rate"]) == (
                 hp["backbone"], hp["optimizer"], hp["learning_rate"])
-        assert finetune["block_weights"] == str(run_dir / "runs" / record["id"] / "block" / "best.weights.h5")
+        assert finetune["block_weights"] == str(run_dir / "runs" / record.id / "block" / "best.weights.h5")
         assert finetune["delimiting_layer"] == int(2 / 3 * backbones.layer_count(hp["backbone"]))
 
     trainer.calls.clear()
     optimize.run_strategy(params, "separate_hyperparameters", trainer=trainer, progress=False)
-    for record in store.TrialStore(run_dir).of_step("separate_hyperparameters", "model"):
-        hp = record["hyperparameters"]
-        block, finetune = [c for c in trainer.calls if c["run_dir"].name == record["id"]]
+    for record in RunFolder(run_dir).trials.of_step("separate_hyperparameters", "model"):
+        hp = record.hyperparameters
+        block, finetune = [c for c in trainer.calls if c["run_dir"].name == record.id]
         assert (block["optimizer"], block["learning_rate"]) == (hp["block_optimizer"], hp["block_learning_rate"])
         assert (finetune["optimizer"], finetune["learning_rate"]) == (
             hp["finetune_optimizer"], hp["finetune_learning_rate"])
 
     trainer.calls.clear()
     best = optimize.run_strategy(params, "separate_optimizations", trainer=trainer, progress=False)
-    block_trials = store.TrialStore(run_dir).of_step("separate_optimizations", "block")
-    best_block = optimize.best_record(block_trials)
+    block_trials = RunFolder(run_dir).trials.of_step("separate_optimizations", "block")
+    best_block = best_trial(block_trials)
     assert all(c["phase"] == "block" for c in trainer.calls if "-block-" in c["run_dir"].name)
     finetunes = [c for c in trainer.calls if "-finetune-" in c["run_dir"].name]
     assert finetunes and all(c["phase"] == "finetune" for c in finetunes)
-    assert {c["block_weights"] for c in finetunes} == {best_block["setup"]["block_weights"]}
-    assert {c["backbone"] for c in finetunes} == {best_block["setup"]["backbone"]}
-    assert best["setup"]["block_optimizer"] == best_block["hyperparameters"]["optimizer"]
+    assert {c["block_weights"] for c in finetunes} == {best_block.setup["block_weights"]}
+    assert {c["backbone"] for c in finetunes} == {best_block.setup["backbone"]}
+    assert best.setup["block_optimizer"] == best_block.hyperparameters["optimizer"]
 
     trainer.calls.clear()
     optimize.run_strategy(params, "joint", trainer=trainer, progress=False)
-    for record in store.TrialStore(run_dir).of_step("joint", "model"):
-        hp = record["hyperparameters"]
-        finetune = [c for c in trainer.calls if c["run_dir"].name == record["id"]][1]
+    for record in RunFolder(run_dir).trials.of_step("joint", "model"):
+        hp = record.hyperparameters
+        finetune = [c for c in trainer.calls if c["run_dir"].name == record.id][1]
         n = backbones.layer_count(hp["backbone"])
         assert finetune["delimiting_layer"] == int(hp["delimiting_fraction"] * n)
 
@@ -122,7 +127,7 @@ def test_routing_of_each_strategy(tmp_path, run_dir):
     assert {(c["backbone"], c["optimizer"], c["learning_rate"]) for c in trainer.calls} == {(
         model_best["setup"]["backbone"], model_best["setup"]["finetune_optimizer"],
         model_best["setup"]["finetune_learning_rate"])}
-    assert json.loads((run_dir / "shared" / "best.json").read_text())["final"]["id"] == final["id"]
+    assert json.loads((run_dir / "shared" / "best.json").read_text())["final"]["id"] == final.id
 
 
 def test_step_writes_its_files_and_the_best_breaks_ties_by_loss(tmp_path, run_dir):
@@ -132,26 +137,25 @@ def test_step_writes_its_files_and_the_best_breaks_ties_by_loss(tmp_path, run_di
         assert (step_dir / name).is_file(), name
     assert len((step_dir / "evaluations.txt").read_text().splitlines()) == 1 + 7
     assert "GPyOpt Report file" in (step_dir / "report.txt").read_text()
-    records = store.TrialStore(run_dir).records()
-    assert [r["index"] for r in records] == list(range(7))
-    assert [r["method"] for r in records] == ["initial"] * 3 + ["bayesian"] * 4
-    tied = [dict(records[0], val_accuracy=1.0, val_loss=0.3, id="a"),
-            dict(records[0], val_accuracy=1.0, val_loss=0.1, id="b")]
-    assert optimize.best_record(tied)["id"] == "b"
+    trials = records(run_dir)
+    assert [r.index for r in trials] == list(range(7))
+    assert [r.method for r in trials] == ["initial"] * 3 + ["bayesian"] * 4
+    tied = [dataclasses.replace(trials[0], val_accuracy=1.0, val_loss=0.3, id="a"),
+            dataclasses.replace(trials[0], val_accuracy=1.0, val_loss=0.1, id="b")]
+    assert best_trial(tied).id == "b"
 
 
 def test_layer_optimization_plots_its_one_dimensional_surrogate(tmp_path, run_dir):
-    params = make_params(tmp_path)
-    params["backbones"] = ["VGG16"]
+    params = make_params(tmp_path).updated({"backbones": ["VGG16"]})
     optimize.run_strategy(params, "shared", trainer=FakeTrainer(), progress=False)
     optimize.run_layer_optimization(params, "shared", trainer=FakeTrainer(), progress=False)
-    records = store.TrialStore(run_dir).of_step("shared", "layers")
-    assert len(records) == 7
-    assert all(0 <= r["hyperparameters"]["delimiting_layer"] <= 19 for r in records)
+    trials = RunFolder(run_dir).trials.of_step("shared", "layers")
+    assert len(trials) == 7
+    assert all(0 <= r.hyperparameters["delimiting_layer"] <= 19 for r in trials)
     assert (run_dir / "shared" / "layers" / "acquisition.png").is_file()
-    surface = optimize.surrogate_surface(
-        build_space(params, "shared", "layers", n_layers=19),
-        np.array([r["x"] for r in records]), np.array([[-r["val_accuracy"]] for r in records]), params["bo"],
+    surface = bo.surrogate_surface(
+        layer_space(params, {"backbone": "VGG16"}),
+        np.array([r.x for r in trials]), np.array([[-r.val_accuracy] for r in trials]), params.bo,
     )
     (curve,) = surface["curves"]
     assert list(curve["grid"]) == list(range(20))
@@ -161,19 +165,19 @@ def test_layer_optimization_plots_its_one_dimensional_surrogate(tmp_path, run_di
 def test_two_coinciding_points_end_the_step_like_gpyopt_eps(tmp_path, run_dir):
     """On a 2-value domain BO must repeat itself before its budget runs out."""
     params = make_params(tmp_path, initial_points=2, iterations=6)
-    ctx = optimize.make_context(params, store.open_run(params), FakeTrainer())
+    ctx = optimize.make_context(params, RunFolder.open(params), FakeTrainer())
 
-    def objective(hp, trial_dir):
-        result = FakeResult(0.5 + 0.1 * hp["delimiting_layer"], 0.5, str(trial_dir / "w.h5"), "finetune")
+    def objective(hp, folder):
+        result = FakeResult(0.5 + 0.1 * hp["delimiting_layer"], 0.5, str(folder.weights("finetune")), "finetune")
         return Outcome(scored=result, phases={"finetune": result}, setup=hp)
 
     space = SearchSpace([Layer("delimiting_layer", 1)])
-    optimize.run_step(ctx, run_dir, "shared", "layers", space, objective, progress=False)
+    optimize.run_step(ctx, "shared", "layers", space, objective)
     status = json.loads((run_dir / "shared" / "layers" / "status.json").read_text())
     assert status["stop_reason"] == "eps: two consecutive points coincide"
-    records = store.TrialStore(run_dir).records()
-    assert status["trials"] == len(records) < 8
-    assert records[-1]["x"] == records[-2]["x"]
+    trials = records(run_dir)
+    assert status["trials"] == len(trials) < 8
+    assert trials[-1].x == trials[-2].x
 
 
 class Killed(BaseException):
@@ -202,11 +206,11 @@ def test_resume_after_a_kill_matches_an_uninterrupted_run(tmp_path, kill_at):
 
     with pytest.raises(Killed):
         optimize.run_strategy(params, "separate_optimizations", trainer=FakeTrainer(fail_when=kill), progress=False)
-    assert len(store.TrialStore(run_dir).records()) == kill_at
+    assert len(records(run_dir)) == kill_at
 
     resumed = FakeTrainer()
     optimize.run_strategy(params, "separate_optimizations", trainer=resumed, progress=False)
-    ids = [r["id"] for r in store.TrialStore(run_dir).records()]
+    ids = [r.id for r in records(run_dir)]
     assert len(ids) == len(set(ids)) == 14
     assert x_sequence(run_dir) == x_sequence(reference_dir)
     rerun = {c["run_dir"].name for c in resumed.calls}
@@ -214,32 +218,32 @@ def test_resume_after_a_kill_matches_an_uninterrupted_run(tmp_path, kill_at):
 
     again = FakeTrainer()
     optimize.run_strategy(params, "separate_optimizations", trainer=again, progress=False)
-    assert again.calls == [] and len(store.TrialStore(run_dir).records()) == 14
+    assert again.calls == [] and len(records(run_dir)) == 14
 
 
 def test_per_backbone_mode_runs_and_compares_each_backbone(tmp_path, run_dir):
     params = make_params(tmp_path, per_backbone=True, initial_points=2, iterations=1)
-    params["backbones"] = ["VGG16", "ResNet50"]
+    params = params.updated({"backbones": ["VGG16", "ResNet50"]})
     overall = optimize.run_strategy(params, "shared", trainer=FakeTrainer(), progress=False)
-    records = store.TrialStore(run_dir).records()
-    assert {r["strategy"] for r in records} == {"shared@VGG16", "shared@ResNet50"}
+    trials = records(run_dir)
+    assert {r.strategy for r in trials} == {"shared@VGG16", "shared@ResNet50"}
     for label, backbone in (("shared@VGG16", "VGG16"), ("shared@ResNet50", "ResNet50")):
-        assert {r["hyperparameters"]["backbone"] for r in records if r["strategy"] == label} == {backbone}
+        assert {r.hyperparameters["backbone"] for r in trials if r.strategy == label} == {backbone}
         assert (run_dir / label / "best.json").is_file()
     summary = json.loads((run_dir / "shared" / "best.json").read_text())
     assert set(summary["per_backbone"]) == {"shared@VGG16", "shared@ResNet50"}
-    assert summary["model"]["id"] == overall["id"] == optimize.best_record(records)["id"]
+    assert summary["model"]["id"] == overall.id == best_trial(trials).id
     final = optimize.run_layer_optimization(params, "shared", trainer=FakeTrainer(), progress=False)
-    layer_records = [r for r in store.TrialStore(run_dir).records() if r["step"] == "layers"]
-    assert {r["strategy"] for r in layer_records} == {"shared@VGG16", "shared@ResNet50"}
-    assert final["id"] == optimize.best_record(layer_records)["id"]
-    assert json.loads((run_dir / "shared" / "best.json").read_text())["final"]["id"] == final["id"]
+    layer_trials = [r for r in records(run_dir) if r.step == "layers"]
+    assert {r.strategy for r in layer_trials} == {"shared@VGG16", "shared@ResNet50"}
+    assert final.id == best_trial(layer_trials).id
+    assert json.loads((run_dir / "shared" / "best.json").read_text())["final"]["id"] == final.id
 
 
 def test_run_folder_records_parameters_and_versions(tmp_path, run_dir):
     params = make_params(tmp_path)
     optimize.run_strategy(params, "shared", trainer=FakeTrainer(), progress=False)
-    assert store.load_run_params(run_dir) == params
+    assert RunFolder(run_dir).read_params() == params.to_dict()
     versions = json.loads((run_dir / "environment.json").read_text())
     assert versions["gpyopt"] == "1.2.6" and versions["keras"].startswith("3.")
     assert "tensorflow-cpu" in versions or "tensorflow" in versions
@@ -248,43 +252,42 @@ def test_run_folder_records_parameters_and_versions(tmp_path, run_dir):
 def test_resume_refuses_other_parameters(tmp_path, run_dir):
     params = make_params(tmp_path)
     optimize.run_strategy(params, "shared", trainer=FakeTrainer(), progress=False)
-    params["bo"]["iterations"] = 9
     with pytest.raises(ConfigError, match=r"differ from the ones this run started with \(bo.iterations: 4 -> 9\)"):
-        optimize.run_strategy(params, "shared", trainer=FakeTrainer(), progress=False)
+        optimize.run_strategy(params.updated({"bo.iterations": 9}), "shared", trainer=FakeTrainer(), progress=False)
 
 
 def test_resume_accepts_a_run_that_predates_a_key_with_a_default(tmp_path, run_dir):
     """A key added to the schema after the run started counts with its default on both sides."""
     params = make_params(tmp_path)
     optimize.run_strategy(params, "shared", trainer=FakeTrainer(), progress=False)
-    stored = store.load_run_params(run_dir)
+    stored = RunFolder(run_dir).read_params()
     del stored["training"]["feature_cache"]  # as written before the key existed
-    (run_dir / store.PARAMS_FILE).write_text(yaml.safe_dump(stored, sort_keys=False))
+    RunFolder(run_dir).params_file.write_text(yaml.safe_dump(stored, sort_keys=False))
     optimize.run_strategy(params, "shared", trainer=FakeTrainer(), progress=False)  # resumes
 
-    params["training"]["feature_cache"] = not params["training"]["feature_cache"]
+    changed = params.updated({"training.feature_cache": not params.training.feature_cache})
     with pytest.raises(ConfigError, match=r"\(training.feature_cache: "):
-        optimize.run_strategy(params, "shared", trainer=FakeTrainer(), progress=False)
+        optimize.run_strategy(changed, "shared", trainer=FakeTrainer(), progress=False)
 
 
 def test_failed_trials_are_recorded_scored_worst_and_the_search_goes_on(tmp_path, run_dir):
     trainer = FakeTrainer(fail_when=lambda call: call["optimizer"] == "SGD" and call["phase"] == "finetune")
     optimize.run_strategy(make_params(tmp_path, max_consecutive_failures=7), "shared", trainer=trainer, progress=False)
-    records = store.TrialStore(run_dir).records()
-    failed = [r for r in records if r["status"] == "failed"]
-    assert len(records) == 7 and failed
-    assert all(r["hyperparameters"]["optimizer"] == "SGD" for r in failed)
-    assert all(r["error"] == "FloatingPointError: loss became NaN" and r["val_accuracy"] is None for r in failed)
+    trials = records(run_dir)
+    failed = [r for r in trials if r.status == TrialState.FAILED]
+    assert len(trials) == 7 and failed
+    assert all(r.hyperparameters["optimizer"] == "SGD" for r in failed)
+    assert all(r.error == "FloatingPointError: loss became NaN" and r.val_accuracy is None for r in failed)
     lines = (run_dir / "shared" / "model" / "evaluations.txt").read_text().splitlines()[1:]
     scores = {int(float(line.split("\t")[0])) - 1: float(line.split("\t")[1]) for line in lines}
-    assert all(scores[r["index"]] == 0.0 for r in failed)
+    assert all(scores[r.index] == 0.0 for r in failed)
 
 
 def test_consecutive_failures_stop_the_step_with_a_clear_error(tmp_path, run_dir):
     trainer = FakeTrainer(fail_when=lambda call: True)
     with pytest.raises(optimize.StepFailed, match="shared/model: 3 consecutive trials failed; last error: FloatingPointError"):
         optimize.run_strategy(make_params(tmp_path), "shared", trainer=trainer, progress=False)
-    assert len(store.TrialStore(run_dir).records()) == 3
+    assert len(records(run_dir)) == 3
 
 
 def test_singular_gp_fit_ends_the_step_cleanly(tmp_path, run_dir, monkeypatch):

@@ -1,4 +1,4 @@
-"""The shipped parameter files: each one valid, the thesis files faithful to SPEC.md."""
+"""The shipped parameter files: each one valid, the thesis files faithful to the method (docs/method.md)."""
 
 import typing
 from pathlib import Path
@@ -17,35 +17,35 @@ README = PARAMS.parent / "README.md"
 @pytest.mark.parametrize("name", ["ci", "demo", "kvasir", "nerthus", "thesis_kvasir", "thesis_nerthus"])
 def test_every_shipped_file_is_valid_and_keeps_its_results_in_the_repository(name):
     params = load_params(PARAMS / f"{name}.yaml")
-    assert params["run_name"] == name
-    assert Path(params["results_dir"]) == PARAMS.parent / "results"
-    assert Path(params["data"]["root"]).parent == PARAMS.parent / "data"
+    assert params.run_name == name
+    assert Path(params.results_dir) == PARAMS.parent / "results"
+    assert Path(params.data.root).parent == PARAMS.parent / "data"
 
 
 @pytest.mark.parametrize("dataset, folder", [("kvasir", "kvasir-dataset-v2"), ("nerthus", "nerthus-dataset-frames")])
 def test_thesis_files_are_faithful(dataset, folder):
     params = load_params(PARAMS / f"thesis_{dataset}.yaml")
-    data, training, bo = params["data"], params["training"], params["bo"]
-    assert Path(data["root"]).name == folder
-    assert (data["image_size"], data["batch_size"], data["val_fraction"], data["test_fraction"]) == (299, 16, 0.3, 0.0)
-    assert data["group_pattern"] is None
-    assert params["backbones"] == list(THESIS_BACKBONES) and params["optimizers"] == list(THESIS_OPTIMIZERS)
-    assert (params["weights"], params["pooling"]) == ("imagenet", "max")
-    assert params["learning_rate"] == {"min": 1e-4, "max": 1.0, "scale": "linear"}
-    assert (training["block_epochs"], training["finetune_epochs"], training["early_stopping_patience"]) == (10, 50, 5)
-    assert training["nonconvergence"] == {"enabled": True, "monitor": "val_accuracy", "threshold": 0.5,
+    data, training, bo = params.data, params.training, params.bo
+    assert Path(data.root).name == folder
+    assert (data.image_size, data.batch_size, data.val_fraction, data.test_fraction) == (299, 16, 0.3, 0.0)
+    assert data.group_pattern is None
+    assert params.backbones == list(THESIS_BACKBONES) and params.optimizers == list(THESIS_OPTIMIZERS)
+    assert (params.weights, params.pooling) == ("imagenet", "max")
+    assert params.learning_rate.model_dump() == {"min": 1e-4, "max": 1.0, "scale": "linear"}
+    assert (training.block_epochs, training.finetune_epochs, training.early_stopping_patience) == (10, 50, 5)
+    assert training.nonconvergence.model_dump() == {"enabled": True, "monitor": "val_accuracy", "threshold": 0.5,
                                           "patience": 5, "mode": "auto"}
-    assert training["default_delimiting_fraction"] == pytest.approx(2 / 3)
-    assert not training["feature_cache"], "the thesis trained the block on flipped images, not cached features"
-    assert (bo["method"], bo["initial_points"], bo["iterations"], bo["acquisition"]) == ("bayesian", 5, 10, "EI")
-    assert (bo["encoding"], bo["eps"], bo["per_backbone"]) == ("index", 1e-8, False)
-    assert params["strategies"] == ["shared", "separate_hyperparameters", "separate_optimizations"]
-    assert params["layer_optimization"] == {"enabled": True, "delimiting": "index"}
+    assert training.default_delimiting_fraction == pytest.approx(2 / 3)
+    assert not training.feature_cache, "the thesis trained the block on flipped images, not cached features"
+    assert (bo.method, bo.initial_points, bo.iterations, bo.acquisition) == ("bayesian", 5, 10, "EI")
+    assert (bo.encoding, bo.eps, bo.per_backbone) == ("index", 1e-8, False)
+    assert params.strategies == ["shared", "separate_hyperparameters", "separate_optimizations"]
+    assert params.layer_optimization.model_dump() == {"enabled": True, "delimiting": "index"}
 
 
 def test_nerthus_keeps_each_video_on_one_side():
     params = load_params(PARAMS / "nerthus.yaml")
-    assert params["data"]["group_pattern"] == r"bowel_(\d+)_" and params["data"]["test_fraction"] > 0
+    assert params.data.group_pattern == r"bowel_(\d+)_" and params.data.test_fraction > 0
 
 
 def section_of(annotation) -> type[BaseModel] | None:

@@ -17,37 +17,48 @@ def write(tmp_path, text, name="exp.yaml"):
 
 def test_defaults_are_the_spec_values(tmp_path):
     params = load_params(write(tmp_path, "data: {root: images}\n"))
-    assert params["data"]["image_size"] == 299
-    assert params["data"]["batch_size"] == 16
-    assert params["data"]["val_fraction"] == 0.3
-    assert params["backbones"][0] == "Xception" and len(params["backbones"]) == 9
-    assert params["optimizers"] == ["Nadam", "SGD", "RMSprop", "Adagrad", "Adam", "Adamax", "Adadelta"]
-    assert params["training"]["block_epochs"] == 10 and params["training"]["finetune_epochs"] == 50
-    assert params["training"]["nonconvergence"] == {
+    assert params.data.image_size == 299
+    assert params.data.batch_size == 16
+    assert params.data.val_fraction == 0.3
+    assert params.backbones[0] == "Xception" and len(params.backbones) == 9
+    assert params.optimizers == ["Nadam", "SGD", "RMSprop", "Adagrad", "Adam", "Adamax", "Adadelta"]
+    assert params.training.block_epochs == 10 and params.training.finetune_epochs == 50
+    assert params.training.nonconvergence.model_dump() == {
         "enabled": True, "monitor": "val_accuracy", "threshold": 0.5, "patience": 5, "mode": "auto"
     }
-    assert params["bo"]["initial_points"] == 5 and params["bo"]["iterations"] == 10
-    assert params["bo"]["eps"] == 1e-8 and params["bo"]["acquisition"] == "EI"
-    assert params["pooling"] == "max" and params["weights"] == "imagenet"
+    assert params.bo.initial_points == 5 and params.bo.iterations == 10 and params.bo.budget == 15
+    assert params.bo.eps == 1e-8 and params.bo.acquisition == "EI"
+    assert params.pooling == "max" and params.weights == "imagenet"
+    assert params.strategies == ["shared", "separate_hyperparameters", "separate_optimizations"]
 
 
 def test_relative_paths_resolve_against_the_file(tmp_path):
     (tmp_path / "sub").mkdir()
     params = load_params(write(tmp_path, "data: {root: ../images}\nresults_dir: out\n", "sub/exp.yaml"))
-    assert params["data"]["root"] == str(tmp_path / "images")
-    assert params["results_dir"] == str(tmp_path / "sub" / "out")
+    assert params.data.root == str(tmp_path / "images")
+    assert params.results_dir == str(tmp_path / "sub" / "out")
 
 
 def test_scientific_notation_is_a_float(tmp_path):
     params = load_params(write(tmp_path, "data: {root: d}\nlearning_rate: {min: 1e-5, max: 1E-1}\n"))
-    assert params["learning_rate"] == {"min": 1e-5, "max": 0.1, "scale": "log"}
+    assert params.learning_rate.model_dump() == {"min": 1e-5, "max": 0.1, "scale": "log"}
 
 
 def test_overrides_use_dotted_keys(tmp_path):
     path = write(tmp_path, "data: {root: d}\n")
     params = load_params(path, {"training.nonconvergence.enabled": False, "run_name": "x"})
-    assert params["training"]["nonconvergence"]["enabled"] is False
-    assert params["run_name"] == "x"
+    assert params.value("training.nonconvergence.enabled") is False
+    assert params.run_name == "x"
+
+
+def test_the_configuration_is_read_only_and_updated_by_copy(tmp_path):
+    params = load_params(write(tmp_path, "data: {root: d}\n"))
+    with pytest.raises(Exception, match="frozen"):
+        params.seed = 3
+    changed = params.updated({"seed": 3, "bo.iterations": 2})
+    assert (changed.seed, changed.bo.iterations, params.seed, params.bo.iterations) == (3, 2, 0, 10)
+    with pytest.raises(ConfigError, match="parameters: bo.iterations: Input should be greater than or equal to 0"):
+        params.updated({"bo.iterations": -1})
 
 
 @pytest.mark.parametrize(
@@ -63,7 +74,8 @@ def test_overrides_use_dotted_keys(tmp_path):
         ("data: {root: d, image_size: 64}\nbackbones: [VGG16, Xception]\n",
          "data.image_size: 64 px is below Xception's minimum of 71 px"),
         ("data: {root: d, val_fraction: 0.6, test_fraction: 0.4}\n", "val_fraction + test_fraction must be below 1"),
-        ("data: {root: d}\nstrategies: [shared, greedy]\n", "strategies.1: Input should be"),
+        ("data: {root: d}\nstrategies: [shared, greedy]\n", "strategies: unknown strategy 'greedy' (known: shared,"),
+        ("data: {root: d}\nbackbones: [VGG16, VGG16]\n", "backbones: names must not repeat"),
         ("seed: 1\n", "missing key 'data'"),
         ("data: {root: d}\nbo: {encoding: onehot}\n", "bo.encoding: Input should be 'categorical' or 'index'"),
         ("data: {root: d}\ntraining: {nonconvergence: {patience: -1}}\n", "training.nonconvergence.patience"),
@@ -91,4 +103,5 @@ def test_missing_file_and_missing_weights_file(tmp_path):
 def test_dump_round_trips(tmp_path):
     params = load_params(write(tmp_path, "data: {root: d}\nseed: 7\n"))
     path = dump_params(params, tmp_path / "out" / "params.yaml")
-    assert yaml.safe_load(path.read_text()) == params
+    assert yaml.safe_load(path.read_text()) == params.to_dict()
+    assert load_params(path) == params

@@ -6,6 +6,7 @@ from matplotlib.figure import Figure
 from PIL import Image
 
 from tlopt import plots
+from tlopt.strategies import REGISTRY
 
 
 def test_class_counts_has_a_bar_per_class_and_split():
@@ -77,7 +78,7 @@ def test_accuracy_by_epoch_has_one_line_per_run_and_phase_panel():
     assert all(len(axis.lines) == 2 for axis in figure.axes)
     assert figure.axes[0].lines[0].get_xdata().tolist() == [1, 2, 3]
     colours = {line.get_color() for line in figure.axes[0].lines}
-    assert colours == {plots.STRATEGY_COLOURS["shared"], plots.STRATEGY_COLOURS["joint"]}
+    assert colours == {REGISTRY["shared"].colour, REGISTRY["joint"].colour}
 
 
 def test_accuracy_by_time_puts_every_run_on_the_run_clock():

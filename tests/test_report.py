@@ -9,7 +9,8 @@ import pytest
 from matplotlib.figure import Figure
 
 from tlopt.errors import TloptError
-from tlopt.report import REPORT_FILE, render_report
+from tlopt.report import render_report
+from tlopt.store import RunFolder
 
 
 def png() -> str:
@@ -42,7 +43,7 @@ def test_report_is_one_offline_page_with_every_notebook_in_order(tmp_path):
 
     html = render_report(run_dir).read_text()
 
-    assert (run_dir / REPORT_FILE).is_file()
+    assert RunFolder(run_dir).report_file.is_file()
     code = [html.index(f"{name}_code") for name in ("split", "shared", "joint", "layers", "analysis")]
     assert code == sorted(code)
     for anchor in ("00_data_split", "01_shared_strategy", "01_shared_strategy-joint", "04_layer_optimization-shared",

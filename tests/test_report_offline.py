@@ -92,7 +92,7 @@ def test_widget_outputs_are_static_in_the_report(tmp_path):
         nbformat.v4.new_markdown_cell("# Widgets"),
         nbformat.v4.new_code_cell("from tqdm.auto import tqdm\nfor _ in tqdm(range(3), desc='trials'):\n    pass"),
         nbformat.v4.new_code_cell(
-            "from tlopt.params import bounds_panel\n"
+            "from tlopt.panel import bounds_panel\n"
             f"bounds_panel({str(REPOSITORY / 'params' / 'ci.yaml')!r}, save_to={str(tmp_path / 'edited.yaml')!r})"
         ),
     ]

@@ -7,7 +7,11 @@ import pytest
 
 from tlopt.errors import ConfigError
 from tlopt.params import validate
-from tlopt.space import LAYER_STEP, STEPS, build_space
+from tlopt.strategies import LAYER_STEP, REGISTRY, get_strategy
+
+
+def build_space(params, strategy, step, basis=None):
+    return get_strategy(strategy).step(step).space(params, basis)
 
 
 def make_params(**changes):
@@ -36,7 +40,7 @@ SAMPLES = {
 
 @pytest.mark.parametrize("encoding", ["categorical", "index"])
 @pytest.mark.parametrize("scale", ["log", "linear"])
-@pytest.mark.parametrize("strategy,step", [(s, step) for s, steps in STEPS.items() for step in steps])
+@pytest.mark.parametrize("strategy,step", [(s, step) for s, entry in REGISTRY.items() for step in entry.step_names])
 def test_every_step_round_trips(strategy, step, encoding, scale):
     params = make_params(bo__encoding=encoding, learning_rate__scale=scale)
     space = build_space(params, strategy, step)
@@ -73,8 +77,7 @@ def test_separate_hyperparameters_has_five_variables_in_spec_order():
 
 
 def test_a_single_option_is_fixed_not_searched():
-    params = make_params()
-    params["backbones"] = ["VGG16"]
+    params = make_params().updated({"backbones": ["VGG16"]})
     space = build_space(params, "shared", "model")
     assert space.names == ["optimizer", "learning_rate"]
     decoded = space.decode(space.encode({"optimizer": "SGD", "learning_rate": 0.1}))
@@ -82,13 +85,14 @@ def test_a_single_option_is_fixed_not_searched():
 
 
 def test_layer_step_as_index_or_fraction():
-    space = build_space(make_params(), "shared", LAYER_STEP, n_layers=19)
+    space = build_space(make_params(), "shared", LAYER_STEP.name, {"backbone": "VGG16"})
     assert space.domain == [{"name": "delimiting_layer", "type": "discrete", "domain": tuple(range(20))}]
     assert space.decode(np.array([[12.0]])) == {"delimiting_layer": 12}
-    fraction = build_space(make_params(layer_optimization__delimiting="fraction"), "shared", LAYER_STEP)
+    fraction = build_space(make_params(layer_optimization__delimiting="fraction"), "shared", LAYER_STEP.name,
+                           {"backbone": "VGG16"})
     assert fraction.names == ["delimiting_fraction"]
 
 
 def test_unknown_step_is_a_config_error():
-    with pytest.raises(ConfigError, match="strategy 'shared' has no step 'block'"):
+    with pytest.raises(ConfigError, match="strategy 'shared' has no step 'block' \\(steps: model\\)"):
         build_space(make_params(), "shared", "block")

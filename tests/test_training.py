@@ -6,7 +6,6 @@ inference mode, so their frozen-base block cannot learn, while VGG16's random
 convolutions still separate the demo classes; at 32 px it is also the quickest to train.
 """
 
-import dataclasses
 import json
 import weakref
 import math
@@ -16,22 +15,18 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from conftest import experiment
 from tlopt import data, training
 from tlopt.backbones import layer_count
 from tlopt.errors import ConfigError, DataError, TrainingError
-from tlopt.training import OPTIMIZERS, RunResult, TrainingSettings, fine_tune, make_optimizer, predict, train_block
+from tlopt.params import THESIS_OPTIMIZERS as OPTIMIZERS
+from tlopt.training import RunResult, fine_tune, make_optimizer, predict, train_block
 
 BACKBONE = "VGG16"
-SETTINGS = TrainingSettings(
-    image_size=32,
-    batch_size=16,
-    block_epochs=5,
-    finetune_epochs=5,
-    early_stopping_patience=5,
-    nonconvergence=False,
-    weights=None,
-    seed=0,
-)
+SETTINGS = experiment({
+    "data.image_size": 32, "data.batch_size": 16, "training.block_epochs": 5, "training.finetune_epochs": 5,
+    "training.early_stopping_patience": 5, "training.nonconvergence.enabled": False, "weights": None, "seed": 0,
+})
 
 
 def test_optimizers_in_thesis_order():
@@ -61,67 +56,6 @@ def test_make_optimizer_rejects_unknown_names_and_bad_rates():
             make_optimizer("SGD", rate)
 
 
-def _params() -> dict:
-    return {
-        "seed": 7,
-        "weights": None,
-        "pooling": "avg",
-        "data": {"image_size": 64, "batch_size": 8, "root": "data", "image_cache": True},
-        "training": {
-            "block_epochs": 3,
-            "finetune_epochs": 4,
-            "early_stopping_patience": 2,
-            "nonconvergence": {"enabled": False, "monitor": "val_loss", "threshold": 0.9, "patience": 1, "mode": "min"},
-            "default_delimiting_fraction": 0.5,
-            "feature_cache": True,
-            "mixed_precision": True,
-            "jit_compile": False,
-        },
-    }
-
-
-def test_settings_from_params(tmp_path):
-    assert TrainingSettings.from_params(_params(), cache_dir=tmp_path / "cache") == TrainingSettings(
-        image_size=64,
-        batch_size=8,
-        block_epochs=3,
-        finetune_epochs=4,
-        early_stopping_patience=2,
-        nonconvergence=False,
-        nonconvergence_threshold=0.9,
-        nonconvergence_patience=1,
-        weights=None,
-        pooling="avg",
-        seed=7,
-        nonconvergence_monitor="val_loss",
-        nonconvergence_mode="min",
-        image_cache=True,
-        feature_cache=True,
-        mixed_precision=True,
-        jit_compile=False,
-        cache_dir=str(tmp_path / "cache"),
-    )
-    assert TrainingSettings.from_params(_params()).cache_dir is None
-
-
-def test_settings_defaults_are_the_thesis_values():
-    settings = TrainingSettings()
-    assert (settings.image_size, settings.batch_size) == (299, 16)
-    assert (settings.block_epochs, settings.finetune_epochs) == (10, 50)
-    assert (settings.early_stopping_patience, settings.nonconvergence_patience) == (5, 5)
-    assert (settings.weights, settings.pooling, settings.nonconvergence_threshold) == ("imagenet", "max", 0.5)
-    # The faithful path: decode every image in every epoch, run the frozen backbone in every epoch.
-    assert (settings.image_cache, settings.feature_cache, settings.cache_dir) == (False, False, None)
-    assert (settings.mixed_precision, settings.jit_compile) == (False, False)
-
-
-def test_settings_name_a_missing_parameter():
-    params = _params()
-    del params["training"]["nonconvergence"]["threshold"]
-    with pytest.raises(ConfigError, match="training.nonconvergence.threshold"):
-        TrainingSettings.from_params(params)
-
-
 @pytest.fixture(scope="module")
 def manifest(demo_root):
     frame = data.split(data.discover(demo_root), val_fraction=0.3, seed=0)
@@ -148,7 +82,7 @@ def test_block_run_writes_its_files_and_summarizes_its_history(block):
     assert result.best_epoch == best
     assert result.val_accuracy == pytest.approx(history["val_accuracy"][best])
     assert result.val_loss == pytest.approx(history["val_loss"][best])
-    assert result.epochs == len(result.history) == SETTINGS.block_epochs
+    assert result.epochs == len(result.history) == SETTINGS.training.block_epochs
     assert result.stopped_by == "completed"
     assert result.seconds > 0
     assert result.val_accuracy > 0.25  # 4 balanced classes: chance is 0.25
@@ -188,7 +122,7 @@ def test_fine_tuning_starts_from_the_block_weights_and_predict_reads_its_own(blo
     """
     frame, names = manifest
     _, block_result = block
-    settings = dataclasses.replace(SETTINGS, finetune_epochs=1)
+    settings = SETTINGS.updated({"training.finetune_epochs": 1})
     result = fine_tune(
         BACKBONE, "SGD", 0.0, layer_count(BACKBONE), block_result.weights_path, frame, names, tmp_path, settings
     )
@@ -207,16 +141,16 @@ def test_fine_tuning_starts_from_the_block_weights_and_predict_reads_its_own(blo
     ("overrides", "epochs", "stopped_by"),
     [
         # A rate of 0 never improves val_accuracy after epoch 0: EarlyStopping(patience=1) stops after epoch 1.
-        ({"early_stopping_patience": 1}, 2, "early_stopping"),
+        ({"training.early_stopping_patience": 1}, 2, "early_stopping"),
         # val_accuracy never reaches 1.01: the filter with patience 0 stops after epoch 0.
-        ({"nonconvergence": True, "nonconvergence_threshold": 1.01, "nonconvergence_patience": 0}, 1, "nonconvergence"),
+        ({"training.nonconvergence": {"enabled": True, "threshold": 1.01, "patience": 0}}, 1, "nonconvergence"),
     ],
 )
 @pytest.mark.parametrize("cached", [False, True], ids=["on_the_fly", "feature_cache"])
 def test_stopped_by_names_the_callback_that_stopped(manifest, tmp_path, overrides, epochs, stopped_by, cached):
     frame, names = manifest
-    settings = dataclasses.replace(SETTINGS, block_epochs=4, **overrides, **_caches(cached, tmp_path))
-    result = train_block(BACKBONE, "SGD", 0.0, frame, names, tmp_path, settings)
+    settings = SETTINGS.updated({"training.block_epochs": 4, **overrides, **_caches(cached)})
+    result = train_block(BACKBONE, "SGD", 0.0, frame, names, tmp_path, settings, tmp_path / "cache")
     assert (result.epochs, result.stopped_by) == (epochs, stopped_by)
 
 
@@ -225,12 +159,12 @@ def test_stopped_by_names_the_callback_that_stopped(manifest, tmp_path, override
 def test_diverging_loss_is_a_training_error(manifest, tmp_path, cached):
     frame, names = manifest
     with pytest.raises(TrainingError, match="loss became (NaN|infinite) at epoch 0"):
-        train_block(BACKBONE, "SGD", 1e38, frame, names, tmp_path, dataclasses.replace(SETTINGS, **_caches(cached, tmp_path)))
+        train_block(BACKBONE, "SGD", 1e38, frame, names, tmp_path, SETTINGS.updated(_caches(cached)), tmp_path / "cache")
 
 
-def _caches(cached: bool, folder) -> dict:
-    """Settings that train the classification block on cached features in `folder`, or none."""
-    return {"image_cache": True, "feature_cache": True, "cache_dir": str(folder / "cache")} if cached else {}
+def _caches(cached: bool) -> dict:
+    """Settings that train the classification block on cached features (given a cache folder), or on the fly."""
+    return {"data.image_cache": cached, "training.feature_cache": cached}
 
 
 def test_a_manifest_without_validation_rows_is_a_data_error(manifest, tmp_path):
@@ -249,7 +183,7 @@ def test_a_run_frees_its_models_when_it_ends_also_when_it_fails():
     """Keras models are reference cycles: the scope's clear_session (with its full collection) frees them."""
     models = []
     with pytest.raises(RuntimeError):
-        with training._run_scope(TrainingSettings(seed=0)):
+        with training._run_scope(SETTINGS):
             model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
             models.append(weakref.ref(model))
             del model

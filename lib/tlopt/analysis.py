@@ -1,33 +1,37 @@
 """What a run folder says: the tables that notebooks 01-05 and the report show.
 
-Every function reads the results layout of DESIGN.md (`trials.jsonl`, `runs/<trial>/`,
-`<strategy>/best.json`, `split.csv`), so notebooks stay a sequence of calls and a test
-can check each table on a small run.
+Every function reads the run folder (`tlopt.store.RunFolder`: `trials.jsonl`,
+`runs/<trial>/`, `<strategy>/best.json`, `split.csv`), so notebooks stay a sequence of
+calls and a test can check each table on a small run.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from tlopt import data, metrics, store
-from tlopt.optimize import BEST_FILE
-from tlopt.params import STRATEGY_NAMES
+from tlopt import data, metrics
+from tlopt.files import atomic_write_json, read_json
+from tlopt.params import Experiment
+from tlopt.store import RunFolder
+from tlopt.strategies import strategy_names
+from tlopt.trials import Trial, TrialState
 
 PHASES = ("block", "finetune")
 RESULT_COLUMNS = ["val_accuracy", "val_loss", "epochs", "stopped_by", "status", "seconds"]
+Run = RunFolder | str | os.PathLike
 
 
-def finished_strategies(run_dir: str | Path) -> list[str]:
-    """Strategies whose model optimization finished (they have a best.json), in SPEC order."""
-    return [name for name in STRATEGY_NAMES if (Path(run_dir) / name / BEST_FILE).is_file()]
+def finished_strategies(run: Run) -> list[str]:
+    """Strategies whose model optimization finished (they have a best.json), in registry order."""
+    run = RunFolder(run)
+    return [name for name in strategy_names() if run.best_file(name).is_file()]
 
 
 def of_strategy(labels: pd.Series, strategy: str) -> pd.Series:
@@ -35,9 +39,14 @@ def of_strategy(labels: pd.Series, strategy: str) -> pd.Series:
     return (labels == strategy) | labels.str.startswith(f"{strategy}@")
 
 
-def strategy_trials(run_dir: str | Path, strategy: str, steps: tuple[str, ...] | None = None) -> pd.DataFrame:
+def read_trials(run: Run) -> pd.DataFrame:
+    """Every finished trial of a run as a table, nested fields flattened (`setup.backbone`, ...)."""
+    return RunFolder(run).trials.frame()
+
+
+def strategy_trials(run: Run, strategy: str, steps: tuple[str, ...] | None = None) -> pd.DataFrame:
     """The finished trials of one strategy (optionally of some of its steps), in finishing order."""
-    trials = store.read_trials(run_dir)
+    trials = read_trials(run)
     if trials.empty:
         return trials
     rows = trials[of_strategy(trials["strategy"], strategy)]
@@ -46,15 +55,15 @@ def strategy_trials(run_dir: str | Path, strategy: str, steps: tuple[str, ...] |
     return rows.reset_index(drop=True)
 
 
-def compared_trials(run_dir: str | Path, other_runs: Sequence[str | Path] = ()) -> pd.DataFrame:
+def compared_trials(run: Run, other_runs: Sequence[Run] = ()) -> pd.DataFrame:
     """The trials of this run and of other runs (random search on the same data, say), labelled.
 
     `label` is the strategy for this run's trials and `strategy [run name]` for the others'.
     """
-    frames = [store.read_trials(run_dir).assign(label=lambda t: t["strategy"])]
+    frames = [read_trials(run).assign(label=lambda t: t["strategy"])]
     for other in other_runs:
-        name = Path(other).name
-        frames.append(store.read_trials(other).assign(label=lambda t: t["strategy"] + f" [{name}]"))
+        name = RunFolder(other).name
+        frames.append(read_trials(other).assign(label=lambda t: t["strategy"] + f" [{name}]"))
     return pd.concat(frames, ignore_index=True)
 
 
@@ -100,21 +109,22 @@ def _validation_wall_times(events_dir: Path) -> dict[int, float]:
     return {event.step: event.wall_time for event in accumulator.Tensors("epoch_accuracy")}
 
 
-def epoch_history(run_dir: str | Path, trials: pd.DataFrame) -> pd.DataFrame:
+def epoch_history(run: Run, trials: pd.DataFrame) -> pd.DataFrame:
     """Every epoch of every run of `trials`: its scalars (history.csv) and when it ended.
 
     `minutes` counts from the start of the run's first trial; the epoch's end comes from
     the TensorBoard event files, which record the wall-clock time of each validation.
     """
-    run_dir = Path(run_dir)
+    run = RunFolder(run)
     frames = []
     for trial in trials.itertuples():
+        folder = run.trial(trial.id)
         for phase in PHASES:
-            csv = run_dir / "runs" / trial.id / phase / "history.csv"
+            csv = folder.history(phase)
             if not csv.is_file():
                 continue
             epochs = pd.read_csv(csv)
-            times = _validation_wall_times(run_dir / "runs" / trial.id / "tensorboard" / phase / "validation")
+            times = _validation_wall_times(folder.tensorboard(phase) / "validation")
             frames.append(epochs.assign(
                 trial=trial.id, strategy=trial.strategy, step=trial.step, phase=phase,
                 wall_time=epochs["epoch"].map(times).astype(float),
@@ -126,21 +136,27 @@ def epoch_history(run_dir: str | Path, trials: pd.DataFrame) -> pd.DataFrame:
     return history.assign(minutes=(history["wall_time"] - started) / 60)
 
 
-def final_record(run_dir: str | Path, strategy: str) -> dict:
+def final_trial(run: Run, strategy: str) -> Trial:
     """The strategy's final model: the best trial of layer optimization, else of model optimization."""
-    best = store.read_json(Path(run_dir) / strategy / BEST_FILE)
-    return best.get("final") or best["model"]
+    best = RunFolder(run).read_best(strategy)
+    return Trial.from_record(best.get("final") or best["model"])
 
 
-def strategy_summary(run_dir: str | Path) -> pd.DataFrame:
+def trial_summary(trial: Trial) -> pd.DataFrame:
+    """A trial's id, result and complete setup, as one column (what `best.json` keeps)."""
+    return pd.Series({"trial": trial.id, "val_accuracy": trial.val_accuracy, "val_loss": trial.val_loss,
+                      **trial.setup}).to_frame(trial.step)
+
+
+def strategy_summary(run: Run) -> pd.DataFrame:
     """One row per finished strategy: its final hyperparameters, accuracies, trials and time."""
-    run_dir = Path(run_dir)
-    trials = store.read_trials(run_dir)
+    run = RunFolder(run)
+    trials = read_trials(run)
     rows = []
-    for strategy in finished_strategies(run_dir):
-        best = store.read_json(run_dir / strategy / BEST_FILE)
-        final = final_record(run_dir, strategy)
-        setup = final["setup"]
+    for strategy in finished_strategies(run):
+        best = run.read_best(strategy)
+        final = final_trial(run, strategy)
+        setup = final.setup
         own = trials[of_strategy(trials["strategy"], strategy)]
         rows.append({
             "strategy": strategy,
@@ -152,7 +168,7 @@ def strategy_summary(run_dir: str | Path) -> pd.DataFrame:
             "delimiting_layer": setup["delimiting_layer"],
             "model_val_accuracy": best["model"]["val_accuracy"],
             "final_val_accuracy": best["final"]["val_accuracy"] if "final" in best else np.nan,
-            "final_trial": final["id"],
+            "final_trial": final.id,
             "trials": len(own),
             "minutes": own["seconds"].sum() / 60,
         })
@@ -169,29 +185,29 @@ class Evaluation:
     confusion: pd.DataFrame
 
 
-def evaluate_final_model(params: dict, run_dir: str | Path, strategy: str, split: str = "val",
-                         trainer: ModuleType | Any | None = None) -> Evaluation:
+def evaluate_final_model(config: Experiment, run: Run, strategy: str, split: str = "val",
+                         trainer: Any = None) -> Evaluation:
     """Predict `split` with the strategy's final weights; per-class metrics and confusion matrix.
 
     The predictions are stored (`<strategy>/predictions-<split>.json`) and reused, so the
     held-out test split is predicted exactly once, after all optimization, however often
-    the analysis runs.
+    the analysis runs. `trainer` defaults to `tlopt.training`.
     """
-    from tlopt import training
-
-    manifest = data.read_manifest(Path(run_dir) / store.SPLIT_FILE)
+    if trainer is None:
+        from tlopt import training as trainer
+    run = RunFolder(run)
+    manifest = data.read_manifest(run.split_file)
     names = data.class_names(manifest)
-    stored = Path(run_dir) / strategy / f"predictions-{split}.json"
+    stored = run.predictions_file(strategy, split)
     if stored.is_file():
-        predictions = store.read_json(stored)
+        predictions = read_json(stored)
     else:
         rows = manifest[manifest["split"] == split]
-        final = final_record(run_dir, strategy)
-        settings = training.TrainingSettings.from_params(params)
-        predicted = (trainer or training).predict(final["setup"]["backbone"], final["weights"], rows, names, settings)
-        predictions = {"trial": final["id"], "path": rows["path"].tolist(),
+        final = final_trial(run, strategy)
+        predicted = trainer.predict(final.setup["backbone"], final.weights, rows, names, config)
+        predictions = {"trial": final.id, "path": rows["path"].tolist(),
                        "true": rows["label"].map(names.index).tolist(), "predicted": np.asarray(predicted).tolist()}
-        store.atomic_write_json(stored, predictions)
+        atomic_write_json(stored, predictions)
     true, predicted = np.asarray(predictions["true"]), np.asarray(predictions["predicted"])
     return Evaluation(
         strategy=strategy,
@@ -222,7 +238,7 @@ def time_per_strategy(trials: pd.DataFrame) -> pd.DataFrame:
     """Trials, failures, epochs trained and minutes spent, per strategy and step."""
     epochs = sum(_phase_column(trials, phase, "epochs").fillna(0) for phase in PHASES)
     frame = trials.assign(
-        failed=trials["status"] == "failed", epochs_trained=epochs, minutes=trials["seconds"] / 60
+        failed=trials["status"] == TrialState.FAILED, epochs_trained=epochs, minutes=trials["seconds"] / 60
     )
     return (
         frame.groupby(["strategy", "step"], sort=False)
@@ -232,14 +248,14 @@ def time_per_strategy(trials: pd.DataFrame) -> pd.DataFrame:
     )
 
 
-def nonconvergence_savings(trials: pd.DataFrame, params: dict) -> pd.DataFrame:
+def nonconvergence_savings(trials: pd.DataFrame, config: Experiment) -> pd.DataFrame:
     """Per strategy and phase: runs the filter stopped, and the epochs and minutes it saved.
 
     A stopped run would otherwise have trained at most to the phase's epoch limit, so the
     saved epochs are an upper bound (EarlyStopping might have ended some runs sooner);
     minutes saved assume the stopped run's average time per epoch.
     """
-    limits = {"block": params["training"]["block_epochs"], "finetune": params["training"]["finetune_epochs"]}
+    limits = {"block": config.training.block_epochs, "finetune": config.training.finetune_epochs}
     rows = []
     for phase in PHASES:
         epochs = _phase_column(trials, phase, "epochs")
@@ -273,7 +289,7 @@ def failed_trials(trials: pd.DataFrame) -> pd.DataFrame:
     """The trials that failed, with their error: the report lists them rather than hiding them."""
     if trials.empty:
         return pd.DataFrame(columns=["id", "strategy", "step", "error"])
-    return trials.loc[trials["status"] == "failed", ["id", "strategy", "step", "error"]].reset_index(drop=True)
+    return trials.loc[trials["status"] == TrialState.FAILED, ["id", "strategy", "step", "error"]].reset_index(drop=True)
 
 
 def stops_per_strategy(trials: pd.DataFrame) -> pd.DataFrame:
@@ -283,7 +299,7 @@ def stops_per_strategy(trials: pd.DataFrame) -> pd.DataFrame:
         stopped_by = _phase_column(trials, phase, "stopped_by")
         ran = stopped_by.notna()
         rows.append(pd.crosstab(trials.loc[ran, "strategy"], stopped_by[ran]).assign(phase=phase))
-    failed = trials[trials["status"] == "failed"].groupby("strategy").size()
+    failed = trials[trials["status"] == TrialState.FAILED].groupby("strategy").size()
     table = pd.concat(rows).fillna(0).reset_index().rename(columns={"index": "strategy"})
     for column in ("completed", "early_stopping", "nonconvergence"):
         if column not in table:
@@ -293,9 +309,9 @@ def stops_per_strategy(trials: pd.DataFrame) -> pd.DataFrame:
     return table[columns].astype({c: int for c in columns[2:]})
 
 
-def split_note(params: dict) -> str | None:
-    """A warning in words when a Nerthus split is not grouped by video (SPEC section 1)."""
-    if "nerthus" in str(params["data"]["root"]).lower() and not params["data"]["group_pattern"]:
+def split_note(config: Experiment) -> str | None:
+    """A warning in words when a Nerthus split is not grouped by video (docs/method.md section 1)."""
+    if "nerthus" in config.data.root.lower() and not config.data.group_pattern:
         return (
             "This Nerthus split is not grouped by video: frames of one video, near-duplicates of each "
             "other, are in both training and validation, which inflates validation accuracy (the thesis "

@@ -3,19 +3,12 @@
 from __future__ import annotations
 
 import math
-import os
-from pathlib import Path
-from typing import TYPE_CHECKING
 
 import keras
 
 from tlopt.errors import ConfigError
-
-if TYPE_CHECKING:
-    from tlopt.training import TrainingSettings
-
-HISTORY_FILE = "history.csv"
-BEST_WEIGHTS_FILE = "best.weights.h5"
+from tlopt.params import Training
+from tlopt.store import TrialFolder
 
 
 class NonconvergenceFiltering(keras.callbacks.Callback):
@@ -90,34 +83,29 @@ class BestWeights(keras.callbacks.ModelCheckpoint):
 
 
 def run_callbacks(
-    phase_dir: str | os.PathLike,
-    tensorboard_dir: str | os.PathLike,
-    settings: TrainingSettings,
-    checkpointed: keras.Model | None = None,
+    folder: TrialFolder, phase: str, training: Training, checkpointed: keras.Model | None = None
 ) -> list[keras.callbacks.Callback]:
-    """The callbacks of one run (classification block or fine-tuning).
+    """The callbacks of one run (classification block or fine-tuning) of a trial.
 
-    `phase_dir` receives `history.csv` (per-epoch scalars) and `best.weights.h5` (the
-    weights of `checkpointed`, by default the model that trains, at the best validation
-    accuracy); `tensorboard_dir` the TensorBoard event files (scalars only: no graph, no
-    profiling, which cost seconds per run). EarlyStopping watches validation accuracy;
-    nonconvergence filtering is added when `settings.nonconvergence` is on.
+    The phase's folder receives `history.csv` (per-epoch scalars) and `best.weights.h5`
+    (the weights of `checkpointed`, by default the model that trains, at the best
+    validation accuracy); its TensorBoard folder the event files (scalars only: no graph,
+    no profiling, which cost seconds per run). EarlyStopping watches validation accuracy;
+    nonconvergence filtering is added when `training.nonconvergence.enabled` is on.
     """
-    phase_dir = Path(phase_dir)
-    phase_dir.mkdir(parents=True, exist_ok=True)
+    folder.phase_dir(phase).mkdir(parents=True, exist_ok=True)
     callbacks = [
-        keras.callbacks.CSVLogger(str(phase_dir / HISTORY_FILE)),
-        BestWeights(str(phase_dir / BEST_WEIGHTS_FILE), checkpointed),
-        keras.callbacks.TensorBoard(log_dir=str(tensorboard_dir), write_graph=False, profile_batch=0),
-        keras.callbacks.EarlyStopping(monitor="val_accuracy", mode="max", patience=settings.early_stopping_patience),
+        keras.callbacks.CSVLogger(str(folder.history(phase))),
+        BestWeights(str(folder.weights(phase)), checkpointed),
+        keras.callbacks.TensorBoard(log_dir=str(folder.tensorboard(phase)), write_graph=False, profile_batch=0),
+        keras.callbacks.EarlyStopping(monitor="val_accuracy", mode="max", patience=training.early_stopping_patience),
     ]
-    if settings.nonconvergence:
+    filtering = training.nonconvergence
+    if filtering.enabled:
         callbacks.append(
             NonconvergenceFiltering(
-                monitor=settings.nonconvergence_monitor,
-                threshold=settings.nonconvergence_threshold,
-                patience=settings.nonconvergence_patience,
-                mode=settings.nonconvergence_mode,
+                monitor=filtering.monitor, threshold=filtering.threshold, patience=filtering.patience,
+                mode=filtering.mode,
             )
         )
     return callbacks

@@ -1,6 +1,6 @@
 """`tlopt run` executes the notebook suite on a parameter file; `tlopt report` renders a run.
 
-The notebooks are the program (DESIGN.md): `tlopt run` only decides which notebooks run,
+The notebooks are the program: `tlopt run` only decides which notebooks run,
 in what order and with which parameters, and executes them with papermill, in a kernel
 of this very interpreter. Everything a run writes stays in its folder, so a stopped or
 failed run resumes from the first notebook that did not finish.
@@ -19,22 +19,15 @@ import time
 from pathlib import Path
 from typing import TextIO
 
-from tlopt import store
 from tlopt.errors import TloptError
-from tlopt.params import STRATEGY_NAMES, load_params
-from tlopt.report import NOTEBOOKS_DIR, render_report
+from tlopt.params import Experiment, load_params
+from tlopt.report import render_report
+from tlopt.store import RunFolder, TrialStore
+from tlopt.strategies import REGISTRY, strategy_names
 
 # The source notebooks: the repository's notebooks/ folder (tlopt is installed editable from it).
 SOURCE_NOTEBOOKS = Path(__file__).resolve().parents[2] / "notebooks"
 KERNEL_NAME = "python3"
-# strategy -> (source notebook, name of its executed copy); joint is shared's single-step
-# search plus the delimiting fraction, so notebook 01 runs it with `strategy = "joint"`.
-STRATEGY_NOTEBOOKS = {
-    "shared": ("01_shared_strategy", "01_shared_strategy"),
-    "joint": ("01_shared_strategy", "01_shared_strategy-joint"),
-    "separate_hyperparameters": ("02_separate_hyperparameters", "02_separate_hyperparameters"),
-    "separate_optimizations": ("03_separate_optimizations", "03_separate_optimizations"),
-}
 EXIT_USER_ERROR = 2
 EXIT_NOTEBOOK_FAILED = 1
 EXIT_INTERRUPTED = 130  # the shell's convention for Ctrl-C
@@ -44,7 +37,15 @@ class NotebookFailed(Exception):
     """A notebook raised an error or its kernel died; the message is one line."""
 
 
-def plan(params: dict, strategies: list[str]) -> list[tuple[str, str, dict]]:
+def executed_name(strategy: str) -> str:
+    """The name of a strategy notebook's executed copy: the notebook's own name for the first
+    strategy registered with it, `<notebook>-<strategy>` for the others (01 runs shared and joint)."""
+    notebook = REGISTRY[strategy].notebook
+    owner = next(entry.name for entry in REGISTRY.values() if entry.notebook == notebook)
+    return notebook if owner == strategy else f"{notebook}-{strategy}"
+
+
+def plan(config: Experiment, strategies: list[str]) -> list[tuple[str, str, dict]]:
     """(executed copy's name, source notebook, its own parameters) of every notebook of a run, in order.
 
     Notebooks 00-04 show widgets and progress bars only when `interactive`; headless they
@@ -53,10 +54,8 @@ def plan(params: dict, strategies: list[str]) -> list[tuple[str, str, dict]]:
     headless = {"interactive": False}
     steps = [("00_data_split", "00_data_split", headless)]
     for strategy in strategies:
-        source, name = STRATEGY_NOTEBOOKS[strategy]
-        extra = {"strategy": strategy} if source == "01_shared_strategy" else {}
-        steps.append((name, source, {**extra, **headless}))
-    if params["layer_optimization"]["enabled"]:
+        steps.append((executed_name(strategy), REGISTRY[strategy].notebook, {"strategy": strategy, **headless}))
+    if config.layer_optimization.enabled:
         for strategy in strategies:
             steps.append((f"04_layer_optimization-{strategy}", "04_layer_optimization",
                           {"strategy": strategy, **headless}))
@@ -129,9 +128,9 @@ def native_stderr_silenced():
 class TrialPrinter(threading.Thread):
     """Prints a line for every trial that a notebook finishes (a search runs for hours)."""
 
-    def __init__(self, run_dir: Path):
+    def __init__(self, trials: TrialStore):
         super().__init__(daemon=True)
-        self.trials = store.TrialStore(run_dir)
+        self.trials = trials
         self.seen = len(self.trials.records())
         self.stopping = threading.Event()
 
@@ -141,9 +140,9 @@ class TrialPrinter(threading.Thread):
 
     def print_new(self) -> None:
         records = self.trials.records()
-        for record in records[self.seen:]:
-            result = f"val_accuracy {record['val_accuracy']:.3f}" if record["status"] == "ok" else record["error"]
-            print(f"    trial {record['id']}: {result} ({record['seconds']:.0f} s)", flush=True)
+        for trial in records[self.seen:]:
+            result = f"val_accuracy {trial.val_accuracy:.3f}" if trial.ok else trial.error
+            print(f"    trial {trial.id}: {result} ({trial.seconds:.0f} s)", flush=True)
         self.seen = len(records)
 
     def stop(self) -> None:
@@ -190,28 +189,28 @@ def lock_run_dir(run_dir: Path) -> TextIO:
     return handle
 
 
-def open_run_dir(args: argparse.Namespace) -> tuple[dict, Path, TextIO]:
+def open_run_dir(args: argparse.Namespace) -> tuple[Experiment, RunFolder, TextIO]:
     """The run's parameters, folder and lock: a new folder (`--name`, `--replace`) or a resumed one."""
     overrides: dict = {}
     if args.no_nonconvergence_filter:
         overrides["training.nonconvergence.enabled"] = False
     if args.resume:
-        run_dir = Path(args.resume).resolve()
-        if not (run_dir / store.PARAMS_FILE).is_file():
-            raise TloptError(f"cannot resume {run_dir}: not a run folder (no {store.PARAMS_FILE})")
-        overrides.update(run_name=run_dir.name, results_dir=str(run_dir.parent))
+        resumed = RunFolder(Path(args.resume).resolve())
+        if not resumed.params_file.is_file():
+            raise TloptError(f"cannot resume {resumed}: not a run folder (no {RunFolder.PARAMS})")
+        overrides.update(run_name=resumed.name, results_dir=str(resumed.path.parent))
     elif args.name:
         overrides["run_name"] = args.name
-    params = load_params(args.params, overrides)
-    run_dir = store.run_dir_for(params)
-    lock = lock_run_dir(run_dir)
-    if not args.resume and run_dir.exists():
+    config = load_params(args.params, overrides)
+    run = RunFolder.of(config)
+    lock = lock_run_dir(run.path)
+    if not args.resume and run.path.exists():
         if not args.replace:
-            raise TloptError(f"{run_dir} already exists: choose another --name, --resume it or --replace it")
-        if any(run_dir.iterdir()) and not (run_dir / store.PARAMS_FILE).is_file():
-            raise TloptError(f"refusing to replace {run_dir}: it is not a tlopt run folder")
-        shutil.rmtree(run_dir)
-    return params, store.open_run(params, run_dir), lock
+            raise TloptError(f"{run} already exists: choose another --name, --resume it or --replace it")
+        if any(run.path.iterdir()) and not run.params_file.is_file():
+            raise TloptError(f"refusing to replace {run}: it is not a tlopt run folder")
+        shutil.rmtree(run.path)
+    return config, RunFolder.open(config, run), lock
 
 
 def run(args: argparse.Namespace) -> int:
@@ -221,18 +220,18 @@ def run(args: argparse.Namespace) -> int:
     if not SOURCE_NOTEBOOKS.is_dir():
         raise TloptError(f"notebooks not found in {SOURCE_NOTEBOOKS}: install tlopt editable from its repository")
     check_kernel()
-    params, run_dir, _lock = open_run_dir(args)  # held until the process ends
+    config, run, _lock = open_run_dir(args)  # held until the process ends
     if args.gpus is not None:
         restrict_gpus(args.gpus)
-    notebooks = plan(params, params["strategies"] if args.strategy == "all" else [args.strategy])
+    notebooks = plan(config, config.strategies if args.strategy == "all" else [args.strategy])
     started = time.time()
     executing = not args.resume  # a resumed run executes from its first unfinished notebook on
-    printer = TrialPrinter(run_dir)
+    printer = TrialPrinter(run.trials)
     printer.start()
     try:
         for number, (name, source, extra) in enumerate(notebooks, start=1):
             step = f"[{number}/{len(notebooks)}] {name}"
-            output = run_dir / NOTEBOOKS_DIR / f"{name}.ipynb"
+            output = run.notebooks_dir / f"{name}.ipynb"
             executing = executing or not finished(output)
             if not executing:
                 print(f"{step}: finished before, skipped", flush=True)
@@ -240,18 +239,18 @@ def run(args: argparse.Namespace) -> int:
             print(f"{step} ...", flush=True)
             output.parent.mkdir(parents=True, exist_ok=True)
             notebook_started = time.time()
-            parameters = {"params_file": str(run_dir / store.PARAMS_FILE), "run_dir": str(run_dir), **extra}
+            parameters = {"params_file": str(run.params_file), "run_dir": str(run), **extra}
             execute(SOURCE_NOTEBOOKS / f"{source}.ipynb", output, parameters)
             printer.print_new()
             print(f"{step} done in {time.time() - notebook_started:.0f} s", flush=True)
     finally:
         printer.stop()
-    print(f"report: {render_report(run_dir)} (run took {time.time() - started:.0f} s)")
+    print(f"report: {render_report(run)} (run took {time.time() - started:.0f} s)")
     return 0
 
 
 def report(args: argparse.Namespace) -> int:
-    print(f"report: {render_report(Path(args.run_dir))}")
+    print(f"report: {render_report(RunFolder(Path(args.run_dir).resolve()))}")
     return 0
 
 
@@ -265,7 +264,7 @@ def parser() -> argparse.ArgumentParser:
                     "with papermill, then render <run>/report.html.",
     )
     run_parser.add_argument("params", help="the parameter file (YAML)")
-    run_parser.add_argument("--strategy", default="all", choices=["all", *STRATEGY_NAMES],
+    run_parser.add_argument("--strategy", default="all", choices=["all", *strategy_names()],
                             help="one strategy, or all of the parameter file's strategies (default)")
     folder = run_parser.add_mutually_exclusive_group()
     folder.add_argument("--name", help="the run's folder name under results_dir (default: run_name); "

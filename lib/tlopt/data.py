@@ -9,7 +9,6 @@ more than everything after it, so the decoded pixels can be cached on disk once 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
 import warnings
@@ -25,11 +24,12 @@ from PIL import Image
 from sklearn.model_selection import train_test_split
 
 from tlopt.errors import DataError
-from tlopt.store import SPLIT_FILE, atomic_path, atomic_write_json
+from tlopt.files import atomic_path, atomic_write_json, read_json
+from tlopt.params import Experiment
+from tlopt.store import RunFolder
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif"})
 MANIFEST_COLUMNS = ["path", "label", "group", "split"]
-SUMMARY_FILE = "split_summary.json"
 # The formats tf.io.decode_image reads (MPO is a JPEG with extra frames); PIL opens more
 # (TIFF, WebP, ...), which would fail in training.
 _TF_FORMATS = frozenset({"JPEG", "MPO", "PNG", "BMP", "GIF"})
@@ -126,53 +126,51 @@ def non_image_files(root: str | os.PathLike) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["path", "label", "reason"])
 
 
-def prepare_split(params: dict, run_dir: str | os.PathLike) -> pd.DataFrame:
+def prepare_split(config: Experiment, run: RunFolder | str | os.PathLike) -> pd.DataFrame:
     """The run's split, made once: discover, check every image, split, write split.csv and its summary.
 
     A run that has its `split.csv` keeps it: resuming must never reshuffle the data.
     Unreadable files are skipped with a warning that lists them (`data.on_bad_image:
-    skip`) or stop the run (`error`); either way the summary
-    (`split_summary.json`) records them for the report.
+    skip`) or stop the run (`error`); either way the summary (`split_summary.json`)
+    records them for the report.
     """
-    run_dir = Path(run_dir)
-    split_file = run_dir / SPLIT_FILE
-    if split_file.is_file():
-        return read_manifest(split_file)
-    settings = params["data"]
-    if settings["demo"]:
+    run = RunFolder(run)
+    if run.split_file.is_file():
+        return read_manifest(run.split_file)
+    settings = config.data
+    if settings.demo:
         from tlopt.demo_data import generate_demo_dataset
 
-        generate_demo_dataset(settings["root"], **settings["demo"], seed=params["seed"])
-    images = discover(settings["root"])
-    skipped = pd.concat([non_image_files(settings["root"]), find_bad_images(images)], ignore_index=True)
+        generate_demo_dataset(settings.root, **settings.demo.model_dump(), seed=config.seed)
+    images = discover(settings.root)
+    skipped = pd.concat([non_image_files(settings.root), find_bad_images(images)], ignore_index=True)
     if len(skipped):
         listing = "; ".join(f"{path} ({reason})" for path, reason in zip(skipped["path"], skipped["reason"]))
-        if settings["on_bad_image"] == "error":
+        if settings.on_bad_image == "error":
             raise DataError(
                 f"{len(skipped)} file(s) are not readable images: {listing} "
                 f"(data.on_bad_image: skip leaves them out)"
             )
         warnings.warn(f"skipped {len(skipped)} file(s) that are not readable images: {listing}", stacklevel=2)
         images = images[~images["path"].isin(skipped["path"])]
-    frame = split(images, settings["val_fraction"], settings["test_fraction"], params["seed"],
-                  settings["group_pattern"])
-    write_manifest(frame, split_file)
+    frame = split(images, settings.val_fraction, settings.test_fraction, config.seed, settings.group_pattern)
+    write_manifest(frame, run.split_file)
     counts = frame.groupby(["label", "split"]).size().unstack(fill_value=0)
     summary = {
-        "root": settings["root"],
+        "root": settings.root,
         "images": len(frame),
         "classes": class_names(frame),
-        "group_pattern": settings["group_pattern"],
+        "group_pattern": settings.group_pattern,
         "counts": {label: {k: int(v) for k, v in row.items()} for label, row in counts.iterrows()},
         "skipped": skipped.to_dict("records"),
     }
-    atomic_write_json(run_dir / SUMMARY_FILE, summary)
-    return read_manifest(split_file)
+    atomic_write_json(run.split_summary_file, summary)
+    return read_manifest(run.split_file)
 
 
-def read_split_summary(run_dir: str | os.PathLike) -> dict:
+def read_split_summary(run: RunFolder | str | os.PathLike) -> dict:
     """What `prepare_split` recorded: counts per class and split, and the skipped files."""
-    return json.loads((Path(run_dir) / SUMMARY_FILE).read_text())
+    return read_json(RunFolder(run).split_summary_file)
 
 
 def _check_fractions(val_fraction: float, test_fraction: float) -> None:

@@ -24,17 +24,15 @@ import math
 import os
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import keras
 import numpy as np
 import pandas as pd
 import tensorflow as tf
 
-from tlopt import data, store
-
-if TYPE_CHECKING:
-    from tlopt.training import TrainingSettings
+from tlopt import data
+from tlopt.files import atomic_path
+from tlopt.params import Experiment
 
 ALL_FLIPS: tuple[int, ...] = tuple(range(len(data.FLIP_VARIANTS)))
 NO_FLIP: tuple[int, ...] = (0,)
@@ -50,19 +48,19 @@ def _weights_identity(weights: str | os.PathLike | None, seed: int) -> str:
 
 
 def features_path(
-    backbone: str, rows: pd.DataFrame, variants: tuple[int, ...], settings: TrainingSettings
+    backbone: str, rows: pd.DataFrame, variants: tuple[int, ...], config: Experiment, cache_dir: str | os.PathLike
 ) -> Path:
     """Where the pooled features of `rows` (in their order) for `variants` are cached."""
     key = data.files_key(
         list(rows["path"]),
         backbone,
-        _weights_identity(settings.weights, settings.seed),
-        settings.image_size,
-        settings.pooling,
+        _weights_identity(config.weights, config.seed),
+        config.data.image_size,
+        config.pooling,
         keras.mixed_precision.global_policy().name,
         variants,
     )
-    return Path(settings.cache_dir) / f"features-{backbone}-{key}.npy"
+    return Path(cache_dir) / f"features-{backbone}-{key}.npy"
 
 
 def pooled_features(
@@ -71,22 +69,23 @@ def pooled_features(
     rows: pd.DataFrame,
     class_names: list[str],
     variants: tuple[int, ...],
-    settings: TrainingSettings,
+    config: Experiment,
+    cache_dir: str | os.PathLike,
     image_cache: data.ImageCache | None = None,
 ) -> np.ndarray:
     """The output of `model`'s pooling layer for each flip variant of each row: (variants, rows, features).
 
     Read from the cache folder, or computed by `model` (a transfer model of `backbone`
-    built with `settings`) and cached. The images go through the training pipeline's
+    built with `config`) and cached in `cache_dir`. The images go through the training pipeline's
     steps: decoded (or read from `image_cache`) and flipped; the model's first layer
     preprocesses them.
     """
-    path = features_path(backbone, rows, variants, settings)
+    path = features_path(backbone, rows, variants, config, cache_dir)
     if path.is_file():
         return np.load(path)
     extractor = keras.Model(model.inputs, model.get_layer("pool").output)
     images = data.make_dataset(
-        rows, class_names, settings.image_size, settings.batch_size, False, settings.seed, image_cache
+        rows, class_names, config.data.image_size, config.data.batch_size, False, config.seed, image_cache
     )
 
     def flipped(variant: int) -> tf.data.Dataset:
@@ -95,20 +94,18 @@ def pooled_features(
     # One predict call for all variants: each call of a new dataset traces the model again.
     every_variant = functools.reduce(tf.data.Dataset.concatenate, map(flipped, variants))
     vectors = extractor.predict(every_variant, verbose=0).astype(np.float32).reshape(len(variants), len(rows), -1)
-    with store.atomic_path(path, suffix=".npy") as temporary:
+    with atomic_path(path, suffix=".npy") as temporary:
         np.save(temporary, vectors)
     return vectors
 
 
-def initial_head_path(backbone: str, num_classes: int, settings: TrainingSettings) -> Path:
+def initial_head_path(backbone: str, num_classes: int, config: Experiment, cache_dir: str | os.PathLike) -> Path:
     """Where the Dense layer's initial weights, as every new transfer model of `backbone` has them, are kept."""
-    key = data.files_key(
-        [], backbone, _weights_identity(settings.weights, settings.seed), num_classes, settings.pooling
-    )
-    return Path(settings.cache_dir) / f"head-{backbone}-{key}.npz"
+    key = data.files_key([], backbone, _weights_identity(config.weights, config.seed), num_classes, config.pooling)
+    return Path(cache_dir) / f"head-{backbone}-{key}.npz"
 
 
-def keep_initial_head(model: keras.Model, backbone: str, settings: TrainingSettings) -> None:
+def keep_initial_head(model: keras.Model, backbone: str, config: Experiment, cache_dir: str | os.PathLike) -> None:
     """Keep the Dense layer's weights of `model`, a new transfer model, in the cache folder.
 
     Every run seeds Keras first, so every new transfer model of one backbone starts with
@@ -117,16 +114,18 @@ def keep_initial_head(model: keras.Model, backbone: str, settings: TrainingSetti
     without building the backbone (`initial_head_weights`).
     """
     dense = model.get_layer("predictions")
-    path = initial_head_path(backbone, dense.units, settings)
+    path = initial_head_path(backbone, dense.units, config, cache_dir)
     if not path.is_file():
         kernel, bias = dense.get_weights()
-        with store.atomic_path(path, suffix=".npz") as temporary:
+        with atomic_path(path, suffix=".npz") as temporary:
             np.savez(temporary, kernel=kernel, bias=bias)
 
 
-def initial_head_weights(backbone: str, num_classes: int, settings: TrainingSettings) -> list[np.ndarray]:
+def initial_head_weights(
+    backbone: str, num_classes: int, config: Experiment, cache_dir: str | os.PathLike
+) -> list[np.ndarray]:
     """The Dense layer's initial weights (kernel, bias) that `keep_initial_head` kept."""
-    with np.load(initial_head_path(backbone, num_classes, settings)) as stored:
+    with np.load(initial_head_path(backbone, num_classes, config, cache_dir)) as stored:
         return [stored["kernel"], stored["bias"]]
 
 

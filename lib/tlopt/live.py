@@ -11,6 +11,8 @@ from __future__ import annotations
 import keras
 from matplotlib.figure import Figure
 
+from tlopt.observers import StepObserver, StepProgress
+
 
 def in_notebook() -> bool:
     """Whether a Jupyter kernel (not a plain interpreter or IPython terminal) runs this code."""
@@ -22,8 +24,12 @@ def in_notebook() -> bool:
     return shell is not None and "IPKernelApp" in shell.config
 
 
-class LiveAccuracy(keras.callbacks.Callback):
-    """Validation accuracy per epoch of the running trial (bold) over the finished ones (grey)."""
+class LiveAccuracy(keras.callbacks.Callback, StepObserver):
+    """Validation accuracy per epoch of the running trial (bold) over the finished ones (grey).
+
+    A Keras callback of every training run, and an observer of the BO step that names
+    the running trial.
+    """
 
     def __init__(self, title: str, display=None):
         super().__init__()
@@ -33,7 +39,7 @@ class LiveAccuracy(keras.callbacks.Callback):
         self._display = display
         self._handle = None
 
-    def start_trial(self, trial_id: str) -> None:
+    def trial_begin(self, progress: StepProgress, trial_id: str) -> None:
         self.trial = trial_id
 
     def on_train_begin(self, logs=None) -> None:

@@ -1,6 +1,6 @@
-"""Per-class metrics of the final model and the dataset papers' baselines (SPEC.md section 7).
+"""Per-class metrics of the final model and the dataset papers' baselines (docs/method.md section 7).
 
-scikit-learn gives the one-vs-rest counts and the confusion matrix; SPEC and a
+scikit-learn gives the one-vs-rest counts and the confusion matrix; specificity (SPEC) and a
 per-class one-vs-rest MCC are not in scikit-learn, so every ratio is computed
 here from the counts, with a zero denominator giving 0 instead of NaN.
 """
@@ -22,7 +22,7 @@ DEFAULT_MODEL_NAME = "tlopt (this run)"
 
 
 def _safe_divide(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:
-    """Element-wise ratio where a zero denominator gives 0, as SPEC.md asks (not NaN)."""
+    """Element-wise ratio where a zero denominator gives 0, not NaN (docs/method.md section 7)."""
     out = np.zeros_like(numerator, dtype=float)
     np.divide(numerator, denominator, out=out, where=denominator != 0)
     return out
@@ -106,7 +106,7 @@ def _baseline_table(rows: dict[str, list[float]]) -> pd.DataFrame:
     )
 
 
-# Pogorelov et al., MMSys 2017 (Kvasir); values copied from SPEC.md section 7.
+# Pogorelov et al., MMSys 2017 (Kvasir); docs/method.md section 7.1.
 KVASIR_BASELINES = _baseline_table(
     {
         "3 Layer CNN": [0.453, 0.959, 0.430, 0.589, 0.408, 0.890],
@@ -121,7 +121,7 @@ KVASIR_BASELINES = _baseline_table(
     }
 )
 
-# Pogorelov et al., MMSys 2017 (Nerthus); values copied from SPEC.md section 7.
+# Pogorelov et al., MMSys 2017 (Nerthus); docs/method.md section 7.1.
 NERTHUS_BASELINES = _baseline_table(
     {
         "3 Layer CNN": [0.742, 0.772, 0.621, 0.811, 0.694, 0.937],

@@ -1,31 +1,33 @@
-"""The experiment's parameter file: load, fill defaults, validate, resolve paths.
+"""The experiment's parameter file: the typed configuration every module reads.
 
-One YAML file describes an experiment (../shared/DESIGN.md). Validation is
-pydantic's; every error is turned into one line that names the file, the
-dotted key and the offending value, because a traceback helps nobody who
-mistyped a key.
+One YAML file describes an experiment. `load_params` validates it into an `Experiment`,
+a frozen pydantic model whose sections (`data`, `training`, `bo`, ...) are passed to the
+modules that need them; a new key is one line in its section here and is read where it is
+used. Every error becomes one line that names the file, the dotted key and the offending
+value, because a traceback helps nobody who mistyped a key.
 """
 
 from __future__ import annotations
 
-import copy
 import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from tlopt import backbones, strategies
 from tlopt.errors import ConfigError
+from tlopt.files import atomic_write_text
 
 THESIS_OPTIMIZERS = ("Nadam", "SGD", "RMSprop", "Adagrad", "Adam", "Adamax", "Adadelta")
-STRATEGY_NAMES = ("shared", "separate_hyperparameters", "separate_optimizations", "joint")
+THESIS_STRATEGIES = ("shared", "separate_hyperparameters", "separate_optimizations")
 
 
 class _Section(BaseModel):
-    """Unknown keys are errors; types are checked strictly (an int is a valid float)."""
+    """Unknown keys are errors; types are checked strictly (an int is a valid float); read-only."""
 
-    model_config = ConfigDict(extra="forbid", strict=True)
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
 
 class DemoData(_Section):
@@ -105,6 +107,11 @@ class BayesianOptimization(_Section):
     per_backbone: bool = False
     max_consecutive_failures: int = Field(3, ge=1)
 
+    @property
+    def budget(self) -> int:
+        """The trials of one step: the random initial design, then the BO iterations."""
+        return self.initial_points + self.iterations
+
 
 class LayerOptimization(_Section):
     enabled: bool = True
@@ -112,28 +119,62 @@ class LayerOptimization(_Section):
 
 
 class Experiment(_Section):
+    """A whole parameter file, validated, every default filled and every path absolute."""
+
     run_name: str = Field("experiment", pattern=r"^[A-Za-z0-9_.-]+$")
     results_dir: str = "results"
     seed: int = 0
     data: Data
-    backbones: list[str] = Field(
-        default_factory=lambda: [
-            "Xception", "VGG16", "VGG19", "ResNet50", "InceptionV3",
-            "InceptionResNetV2", "DenseNet121", "DenseNet169", "DenseNet201",
-        ],
-        min_length=1,
-    )
+    backbones: list[str] = Field(default_factory=lambda: list(backbones.THESIS_BACKBONES), min_length=1)
     weights: str | None = "imagenet"
     pooling: Literal["max", "avg"] = "max"
     optimizers: list[str] = Field(default_factory=lambda: list(THESIS_OPTIMIZERS), min_length=1)
     learning_rate: LearningRate = LearningRate()
     training: Training = Training()
     bo: BayesianOptimization = BayesianOptimization()
-    strategies: list[Literal[STRATEGY_NAMES]] = Field(  # type: ignore[valid-type]
-        default_factory=lambda: ["shared", "separate_hyperparameters", "separate_optimizations"],
-        min_length=1,
-    )
+    strategies: list[str] = Field(default_factory=lambda: list(THESIS_STRATEGIES), min_length=1)
     layer_optimization: LayerOptimization = LayerOptimization()
+
+    @field_validator("backbones")
+    @classmethod
+    def _known_backbones(cls, names: list[str]) -> list[str]:
+        return _known(names, list(backbones.BACKBONES), "backbone")
+
+    @field_validator("optimizers")
+    @classmethod
+    def _known_optimizers(cls, names: list[str]) -> list[str]:
+        return _known(names, list(THESIS_OPTIMIZERS), "optimizer")
+
+    @field_validator("strategies")
+    @classmethod
+    def _known_strategies(cls, names: list[str]) -> list[str]:
+        return _known(names, strategies.strategy_names(), "strategy")
+
+    def value(self, dotted: str) -> Any:
+        """The value of a dotted key (`training.nonconvergence.enabled`)."""
+        value: Any = self
+        for part in dotted.split("."):
+            value = getattr(value, part)
+        return value
+
+    def to_dict(self) -> dict:
+        """Plain values, as the YAML file holds them."""
+        return self.model_dump(mode="python")
+
+    def updated(self, overrides: dict[str, Any], source: str = "parameters") -> "Experiment":
+        """A validated copy with dotted keys set to new values."""
+        raw = self.to_dict()
+        _apply_overrides(raw, overrides)
+        return validate(raw, source)
+
+
+def _known(names: list[str], known: list[str], kind: str) -> list[str]:
+    for name in names:
+        if name not in known:
+            raise ValueError(f"unknown {kind} '{name}' (known: {', '.join(known)})")
+    if len(set(names)) != len(names):
+        raise ValueError(f"names must not repeat (got {names})")
+    return names
 
 
 def _float_aware_loader() -> type[yaml.SafeLoader]:
@@ -157,7 +198,7 @@ def _float_aware_loader() -> type[yaml.SafeLoader]:
     return Loader
 
 
-def _describe(error: ValidationError, raw: dict, source: str) -> str:
+def _describe(error: ValidationError, source: str) -> str:
     """The first pydantic error as one line: file, dotted key, message, value."""
     first = error.errors()[0]
     location = [str(part) for part in first["loc"] if not str(part).startswith("function-")]
@@ -172,42 +213,30 @@ def _describe(error: ValidationError, raw: dict, source: str) -> str:
     return f"{source}: {key}: {message}"
 
 
-def _check_names(params: dict, source: str) -> None:
-    """Backbone and optimizer names, and the image size each backbone needs."""
-    from tlopt.backbones import BACKBONES
-
-    for name in params["backbones"]:
-        if name not in BACKBONES:
+def _check_image_size(config: Experiment, source: str) -> None:
+    """Every backbone the search may choose must accept the image size."""
+    for name in config.backbones:
+        minimum = backbones.BACKBONES[name].min_input_size
+        if config.data.image_size < minimum:
             raise ConfigError(
-                f"{source}: backbones: unknown backbone '{name}' (known: {', '.join(BACKBONES)})"
-            )
-        minimum = BACKBONES[name].min_input_size
-        if params["data"]["image_size"] < minimum:
-            raise ConfigError(
-                f"{source}: data.image_size: {params['data']['image_size']} px is below "
+                f"{source}: data.image_size: {config.data.image_size} px is below "
                 f"{name}'s minimum of {minimum} px"
             )
-    for name in params["optimizers"]:
-        if name not in THESIS_OPTIMIZERS:
-            raise ConfigError(
-                f"{source}: optimizers: unknown optimizer '{name}' "
-                f"(known: {', '.join(THESIS_OPTIMIZERS)})"
-            )
-    for key in ("backbones", "optimizers", "strategies"):
-        if len(set(params[key])) != len(params[key]):
-            raise ConfigError(f"{source}: {key}: names must not repeat (got {params[key]})")
 
 
-def _resolve_paths(params: dict, base: Path) -> None:
+def _resolved_paths(config: Experiment, base: Path) -> Experiment:
     """Relative paths in the file are relative to the file's own folder."""
-    params["data"]["root"] = str((base / params["data"]["root"]).resolve())
-    params["results_dir"] = str((base / params["results_dir"]).resolve())
-    weights = params["weights"]
+    weights = config.weights
     if weights not in (None, "imagenet"):
         path = (base / weights).resolve()
         if not path.is_file():
             raise ConfigError(f"weights: file not found: {path}")
-        params["weights"] = str(path)
+        weights = str(path)
+    return config.model_copy(update={
+        "data": config.data.model_copy(update={"root": str((base / config.data.root).resolve())}),
+        "results_dir": str((base / config.results_dir).resolve()),
+        "weights": weights,
+    })
 
 
 def _apply_overrides(raw: dict, overrides: dict[str, Any]) -> None:
@@ -222,157 +251,37 @@ def _apply_overrides(raw: dict, overrides: dict[str, Any]) -> None:
         node[leaf] = value
 
 
-def validate(raw: dict, source: str = "parameters", base: Path | None = None) -> dict:
-    """Validate a raw mapping, fill every default, resolve paths; return a plain dict."""
+def validate(raw: Any, source: str = "parameters", base: Path | None = None) -> Experiment:
+    """Validate a raw mapping and fill every default; with `base`, resolve relative paths against it."""
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: expected a mapping of keys, got {type(raw).__name__}")
     try:
-        params = Experiment.model_validate(raw).model_dump()
+        config = Experiment.model_validate(raw)
     except ValidationError as error:
-        raise ConfigError(_describe(error, raw, source)) from None
-    _check_names(params, source)
-    if base is not None:
-        _resolve_paths(params, base)
-    return params
+        raise ConfigError(_describe(error, source)) from None
+    _check_image_size(config, source)
+    return config if base is None else _resolved_paths(config, base)
 
 
-def load_params(path: str | Path, overrides: dict[str, Any] | None = None) -> dict:
-    """Load a parameter file; `overrides` are dotted keys applied before validation."""
+def read_yaml(path: str | Path) -> Any:
+    """A YAML file as plain values; ConfigError with the file's name when it is not YAML."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"parameter file not found: {path}")
     try:
-        raw = yaml.load(path.read_text(), Loader=_float_aware_loader()) or {}
+        return yaml.load(path.read_text(), Loader=_float_aware_loader()) or {}
     except yaml.YAMLError as error:
         raise ConfigError(f"{path}: not valid YAML: {' '.join(str(error).split())}") from None
-    raw = copy.deepcopy(raw)
-    if overrides:
+
+
+def load_params(path: str | Path, overrides: dict[str, Any] | None = None) -> Experiment:
+    """Load a parameter file; `overrides` are dotted keys applied before validation."""
+    raw = read_yaml(path)
+    if overrides and isinstance(raw, dict):
         _apply_overrides(raw, overrides)
-    return validate(raw, source=str(path), base=path.parent)
+    return validate(raw, source=str(path), base=Path(path).parent)
 
 
-def dump_params(params: dict, path: str | Path) -> Path:
-    """Write parameters as YAML atomically (the resolved copy kept in a run folder)."""
-    from tlopt.store import atomic_write_text
-
-    return atomic_write_text(Path(path), yaml.safe_dump(params, sort_keys=False))
-
-
-
-# The settings a researcher tunes most between experiments, as dotted keys of the schema.
-PANEL_KEYS = (
-    "run_name",
-    "backbones",
-    "optimizers",
-    "learning_rate.min",
-    "learning_rate.max",
-    "learning_rate.scale",
-    "bo.initial_points",
-    "bo.iterations",
-    "training.block_epochs",
-    "training.finetune_epochs",
-    "training.nonconvergence.enabled",
-    "training.nonconvergence.threshold",
-    "training.nonconvergence.patience",
-)
-
-
-def _get(params: dict, dotted: str) -> Any:
-    value = params
-    for part in dotted.split("."):
-        value = value[part]
-    return value
-
-
-class BoundsPanel:
-    """Widgets over `PANEL_KEYS` of a parameter file; Save writes a new, validated file beside it.
-
-    `params_file` is the file the notebook goes on with: the saved one after Save, the
-    original before. Headless (`interactive=False`, as `tlopt run` executes the notebooks)
-    no widget is created: the panel shows the file's values as a table and changes nothing.
-    """
-
-    def __init__(self, params_file: str | Path, interactive: bool = True, save_to: str | Path | None = None):
-        self.source = Path(params_file)
-        self.params = load_params(self.source)
-        self.save_to = Path(save_to) if save_to else self.source.with_name(f"{self.source.stem}_edited.yaml")
-        self.interactive = interactive
-        self.saved_path: Path | None = None
-        self.widgets: dict[str, Any] = self._make_widgets() if interactive else {}
-
-    @property
-    def params_file(self) -> Path:
-        return self.saved_path or self.source
-
-    def _make_widgets(self) -> dict[str, Any]:
-        import ipywidgets as w
-
-        from tlopt.backbones import BACKBONES
-
-        widgets = {
-            "run_name": w.Text(),
-            "backbones": w.SelectMultiple(options=list(BACKBONES), rows=8),
-            "optimizers": w.SelectMultiple(options=list(THESIS_OPTIMIZERS), rows=7),
-            "learning_rate.min": w.FloatText(),
-            "learning_rate.max": w.FloatText(),
-            "learning_rate.scale": w.Dropdown(options=["log", "linear"]),
-            "bo.initial_points": w.BoundedIntText(min=1, max=1000),
-            "bo.iterations": w.BoundedIntText(min=0, max=1000),
-            "training.block_epochs": w.BoundedIntText(min=1, max=10000),
-            "training.finetune_epochs": w.BoundedIntText(min=1, max=10000),
-            "training.nonconvergence.enabled": w.Checkbox(),
-            "training.nonconvergence.threshold": w.FloatText(),
-            "training.nonconvergence.patience": w.BoundedIntText(min=0, max=10000),
-        }
-        for key, widget in widgets.items():
-            value = _get(self.params, key)
-            widget.value = tuple(value) if isinstance(value, list) else value
-            widget.description = key
-            widget.style = {"description_width": "initial"}
-        return widgets
-
-    def values(self) -> dict[str, Any]:
-        """The panel's current values by dotted key (the file's values when headless)."""
-        if not self.widgets:
-            return {key: _get(self.params, key) for key in PANEL_KEYS}
-        return {key: list(widget.value) if isinstance(widget.value, tuple) else widget.value
-                for key, widget in self.widgets.items()}
-
-    def save(self) -> Path:
-        """Validate the edited parameters and write them to `save_to`; ConfigError if invalid."""
-        if not self.interactive:
-            raise ConfigError("the panel is headless: it changes nothing")
-        edited = copy.deepcopy(self.params)
-        _apply_overrides(edited, self.values())
-        self.saved_path = dump_params(validate(edited, source="panel"), self.save_to)
-        return self.saved_path
-
-    def _on_save(self, status: Any) -> None:
-        try:
-            status.value = (f"Saved {self.save()} — the cells below use it (a new run_name needs "
-                            f"00_data_split on it first; `tlopt run` runs it all)")
-        except ConfigError as error:
-            status.value = f"Not saved: {error}"
-
-    def _ipython_display_(self) -> None:
-        from IPython.display import display
-
-        if not self.interactive:
-            import pandas as pd
-
-            display(pd.DataFrame({"value": [str(v) for v in self.values().values()]}, index=list(PANEL_KEYS)))
-            return
-        import ipywidgets as w
-
-        status = w.Label()
-        button = w.Button(description=f"Save to {self.save_to.name}", button_style="primary")
-        button.on_click(lambda _: self._on_save(status))
-        display(w.VBox([*self.widgets.values(), w.HBox([button, status])]))
-
-
-def bounds_panel(params_file: str | Path, interactive: bool = True, save_to: str | Path | None = None) -> BoundsPanel:
-    """The notebooks' ipywidgets panel: edit bounds and budgets, save a new parameter file.
-
-    `save_to` defaults to `<file>_edited.yaml` beside the parameter file.
-    """
-    return BoundsPanel(params_file, interactive, save_to)
+def dump_params(config: Experiment, path: str | Path) -> Path:
+    """Write the parameters as YAML atomically (the resolved copy a run folder keeps)."""
+    return atomic_write_text(Path(path), yaml.safe_dump(config.to_dict(), sort_keys=False))

@@ -14,6 +14,8 @@ from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
 from PIL import Image
 
+from tlopt.strategies import REGISTRY
+
 
 def convergence_figure(X: np.ndarray, accuracies: np.ndarray) -> Figure:
     """GPyOpt's convergence plot: distance between consecutive points, best value so far."""
@@ -36,7 +38,7 @@ def convergence_figure(X: np.ndarray, accuracies: np.ndarray) -> Figure:
 def acquisition_figure(surface: dict) -> Figure:
     """The surrogate's mean and uncertainty with the acquisition, for 1-D and 2-D domains.
 
-    `surface` comes from `optimize.surrogate_surface`: for each curve (one per
+    `surface` comes from `bo.surrogate_surface`: for each curve (one per
     category of a categorical variable, or a single one) the grid, the mean and
     standard deviation of the predicted validation accuracy, and the acquisition.
     A 2-D numeric domain is drawn as heat maps.
@@ -73,19 +75,14 @@ def acquisition_figure(surface: dict) -> Figure:
     return figure
 
 
-STRATEGY_COLOURS = {
-    "shared": "tab:blue",
-    "separate_hyperparameters": "tab:orange",
-    "separate_optimizations": "tab:green",
-    "joint": "tab:red",
-}
 METHOD_COLOURS = {"initial": "tab:gray", "bayesian": "tab:blue", "random": "tab:orange"}
 PHASE_TITLES = {"block": "Classification block", "finetune": "Fine-tuning"}
 
 
 def _colour(name: str, index: int) -> str:
-    """A strategy's own colour; labels of compared runs get the next colours of the cycle."""
-    return STRATEGY_COLOURS.get(name, f"C{(index + len(STRATEGY_COLOURS)) % 10}")
+    """A registered strategy's own colour; other labels (compared runs, steps) get colours of the cycle."""
+    entry = REGISTRY.get(name)
+    return entry.colour if entry is not None and entry.colour else f"C{(index + len(REGISTRY)) % 10}"
 
 
 def class_counts_figure(split: pd.DataFrame) -> Figure:

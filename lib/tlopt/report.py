@@ -16,11 +16,9 @@ import jinja2
 import nbformat
 from nbconvert import HTMLExporter
 
-from tlopt import store
 from tlopt.errors import TloptError
-
-REPORT_FILE = "report.html"
-NOTEBOOKS_DIR = "notebooks"
+from tlopt.files import atomic_write_text
+from tlopt.store import RunFolder
 
 _TEMPLATE = """\
 {%- extends 'lab/index.html.j2' -%}
@@ -42,9 +40,9 @@ _TEMPLATE = """\
 """
 
 
-def executed_notebooks(run_dir: str | Path) -> list[Path]:
+def executed_notebooks(run: RunFolder) -> list[Path]:
     """The run's executed notebooks in reading order (by name: 00_... to 05_...)."""
-    return sorted((Path(run_dir) / NOTEBOOKS_DIR).glob("*.ipynb"), key=lambda path: path.stem)
+    return sorted(RunFolder(run).notebooks_dir.glob("*.ipynb"), key=lambda path: path.stem)
 
 
 def _title(notebook: nbformat.NotebookNode, fallback: str) -> str:
@@ -64,17 +62,17 @@ def _label(path: Path, notebook: nbformat.NotebookNode) -> str:
     return f"{title} · {variant}" if variant else title
 
 
-def merged_notebook(run_dir: str | Path) -> nbformat.NotebookNode:
+def merged_notebook(run: RunFolder) -> nbformat.NotebookNode:
     """One notebook holding a table of contents and every executed notebook, each under an anchor."""
-    run_dir = Path(run_dir)
-    paths = executed_notebooks(run_dir)
+    run = RunFolder(run)
+    paths = executed_notebooks(run)
     if not paths:
-        raise TloptError(f"no executed notebooks in {run_dir / NOTEBOOKS_DIR}: run `tlopt run` first")
+        raise TloptError(f"no executed notebooks in {run.notebooks_dir}: run `tlopt run` first")
     notebooks = [nbformat.read(path, as_version=4) for path in paths]
     contents = [f"- [{_label(path, nb)}](#{path.stem})" for path, nb in zip(paths, notebooks)]
-    merged = nbformat.v4.new_notebook(metadata={"title": f"tlopt report: {run_dir.name}"})
+    merged = nbformat.v4.new_notebook(metadata={"title": f"tlopt report: {run.name}"})
     merged.cells.append(nbformat.v4.new_markdown_cell(
-        f"# Experiment report: {run_dir.name}\n\nRun folder: `{run_dir}`\n\n" + "\n".join(contents)
+        f"# Experiment report: {run.name}\n\nRun folder: `{run}`\n\n" + "\n".join(contents)
     ))
     for path, notebook in zip(paths, notebooks):
         merged.cells.append(nbformat.v4.new_markdown_cell(f'<a id="{path.stem}"></a>\n\n---\n\n`{path.name}`'))
@@ -84,9 +82,9 @@ def merged_notebook(run_dir: str | Path) -> nbformat.NotebookNode:
     return merged
 
 
-def render_report(run_dir: str | Path) -> Path:
+def render_report(run: RunFolder | str | Path) -> Path:
     """Write `<run>/report.html` from the executed notebooks; return its path."""
-    run_dir = Path(run_dir)
+    run = RunFolder(run)
     exporter = HTMLExporter(
         template_name="lab",
         template_file="tlopt_report.html.j2",
@@ -94,5 +92,5 @@ def render_report(run_dir: str | Path) -> Path:
         exclude_input_prompt=True,
         exclude_output_prompt=True,
     )
-    body, _ = exporter.from_notebook_node(merged_notebook(run_dir), resources={"metadata": {"name": run_dir.name}})
-    return store.atomic_write_text(run_dir / REPORT_FILE, body)
+    body, _ = exporter.from_notebook_node(merged_notebook(run), resources={"metadata": {"name": run.name}})
+    return atomic_write_text(run.report_file, body)

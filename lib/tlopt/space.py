@@ -1,11 +1,12 @@
-"""Search spaces of every BO step, and the encoding to and from GPyOpt rows.
+"""Search spaces and the encoding of hyperparameters to and from GPyOpt rows.
 
 GPyOpt works on rows of numbers. A `SearchSpace` knows, for each named
 hyperparameter, how to turn a value into its column (`encode`) and back
-(`decode`). Faithful encodings (SPEC.md section 3) are `index` (a choice is a
+(`decode`). Faithful encodings (docs/method.md section 3) are `index` (a choice is a
 GPyOpt `discrete` index, which implies an order that does not exist) and a
 `linear` learning rate; the improved defaults are `categorical` (one-hot in
-GPyOpt's model) and a `log` learning rate.
+GPyOpt's model) and a `log` learning rate. Which variables each step searches is the
+strategy registry's business (`tlopt.strategies`).
 """
 
 from __future__ import annotations
@@ -17,15 +18,6 @@ from typing import Any
 import numpy as np
 
 from tlopt.errors import ConfigError
-
-STEPS: dict[str, tuple[str, ...]] = {
-    "shared": ("model",),
-    "separate_hyperparameters": ("model",),
-    "separate_optimizations": ("block", "finetune"),
-    "joint": ("model",),
-}
-LAYER_STEP = "layers"
-
 
 @dataclass(frozen=True)
 class Choice:
@@ -136,54 +128,9 @@ class SearchSpace:
         return {**self.fixed, **decoded}
 
 
-def _choice(name: str, options: list[str], encoding: str, fixed: dict) -> list[Variable]:
-    """A choice with one option is fixed, not searched: GPyOpt cannot search a single value."""
+def choices(name: str, options: list[str], encoding: str, fixed: dict[str, Any]) -> list[Variable]:
+    """A choice among `options`; with one option it is fixed (GPyOpt cannot search a single value)."""
     if len(options) == 1:
         fixed[name] = options[0]
         return []
     return [Choice(name, tuple(options), encoding)]
-
-
-def _rate(name: str, params: dict) -> Rate:
-    rate = params["learning_rate"]
-    return Rate(name, rate["min"], rate["max"], rate["scale"])
-
-
-def build_space(params: dict, strategy: str, step: str, n_layers: int | None = None) -> SearchSpace:
-    """The domain of `step` of `strategy` (SPEC.md section 5), from the parameter file.
-
-    `n_layers` is the chosen backbone's layer count, needed by the layer step
-    when the delimiting layer is searched as an index.
-    """
-    encoding = params["bo"]["encoding"]
-    optimizers = params["optimizers"]
-    fixed: dict[str, Any] = {}
-
-    if step == LAYER_STEP:
-        if params["layer_optimization"]["delimiting"] == "fraction":
-            return SearchSpace([Fraction("delimiting_fraction")])
-        if n_layers is None:
-            raise ValueError("the layer step searches an index: pass the backbone's n_layers")
-        return SearchSpace([Layer("delimiting_layer", n_layers)])
-    if step not in STEPS.get(strategy, ()):
-        raise ConfigError(f"strategy '{strategy}' has no step '{step}' (steps: {STEPS.get(strategy)})")
-
-    if strategy == "separate_optimizations" and step == "finetune":
-        # The backbone and block weights come from step A's best trial.
-        variables = _choice("optimizer", optimizers, encoding, fixed) + [_rate("learning_rate", params)]
-        return SearchSpace(variables, fixed)
-
-    variables = _choice("backbone", params["backbones"], encoding, fixed)
-    if strategy == "separate_hyperparameters":
-        variables += _choice("block_optimizer", optimizers, encoding, fixed)
-        variables += [_rate("block_learning_rate", params)]
-        variables += _choice("finetune_optimizer", optimizers, encoding, fixed)
-        variables += [_rate("finetune_learning_rate", params)]
-    else:
-        variables += _choice("optimizer", optimizers, encoding, fixed)
-        variables += [_rate("learning_rate", params)]
-    if strategy == "joint":
-        # The thesis's recommendation: backbone and delimiting layer searched together,
-        # the layer as a fraction of depth so that it means the same for every backbone.
-        variables.append(Fraction("delimiting_fraction"))
-    return SearchSpace(variables, fixed)

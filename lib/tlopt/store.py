@@ -1,10 +1,17 @@
-"""The run folder on disk: atomic writes, the trial store, the run's parameters.
+"""The run folder: the one place that knows where every file of an experiment lives.
 
-`trials.jsonl` is the source of truth of an experiment (DESIGN.md): resume
-replays it and never runs a finished trial again. Every file is replaced
-atomically (write a temporary file in the same folder, fsync, rename), so a
-process killed at any moment leaves either the old or the new file, never a
-truncated one.
+```
+<results_dir>/<run>/
+  params.yaml  environment.json  split.csv  split_summary.json  trials.jsonl  report.html
+  <strategy>/best.json  <strategy>/predictions-<split>.json
+  <strategy>/<step>/    GPyOpt's files, figures, status.json
+  runs/<trial>/         <phase>/history.csv, <phase>/best.weights.h5, tensorboard/<phase>/
+  cache/                decoded images and pooled features shared by the trials
+  notebooks/            the executed notebooks
+```
+
+`trials.jsonl` is the source of truth of an experiment: resume replays it and never
+runs a finished trial again. Every file is replaced atomically (`tlopt.files`).
 """
 
 from __future__ import annotations
@@ -12,9 +19,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -23,68 +27,218 @@ import pandas as pd
 import yaml
 
 from tlopt.errors import ConfigError
-from tlopt.params import validate
+from tlopt.files import atomic_write_bytes, atomic_write_json, read_json, to_json
+from tlopt.params import Experiment, dump_params, validate
+from tlopt.trials import Trial
 
-TRIALS_FILE = "trials.jsonl"
-PARAMS_FILE = "params.yaml"
-SPLIT_FILE = "split.csv"
-ENVIRONMENT_FILE = "environment.json"
 RECORDED_PACKAGES = ("tensorflow", "tensorflow-cpu", "keras", "gpyopt", "gpy", "numpy", "scikit-learn", "tlopt")
 
 
-@contextmanager
-def atomic_path(path: str | os.PathLike, suffix: str = ".tmp") -> Iterator[Path]:
-    """Yield a temporary file next to `path` that replaces `path` when the block succeeds.
+class TrialFolder:
+    """`runs/<trial>/`: the training runs of one trial, a folder per phase (block, finetune)."""
 
-    A process killed mid-write leaves a hidden temporary file, never a half-written file
-    under the final name that a later run would take for complete. `suffix` keeps the
-    file type for writers that insist on one (Keras: `.weights.h5`).
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
-    os.close(handle)
-    try:
-        yield Path(temporary)
-        # mkstemp makes the file owner-only; run files (the report too) are meant to be shared.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(temporary, 0o666 & ~umask)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
 
+    def __fspath__(self) -> str:
+        return str(self.path)
 
-def atomic_write_bytes(path: Path, data: bytes) -> Path:
-    """Replace `path` with `data` in one rename, the data on disk before the rename."""
-    with atomic_path(path) as temporary:
-        with open(temporary, "wb") as file:
-            file.write(data)
-            file.flush()
-            os.fsync(file.fileno())
-    return Path(path)
+    def __repr__(self) -> str:
+        return f"TrialFolder({str(self.path)!r})"
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    def phase_dir(self, phase: str) -> Path:
+        return self.path / phase
+
+    def history(self, phase: str) -> Path:
+        """Per-epoch scalars of a phase (Keras's CSVLogger)."""
+        return self.phase_dir(phase) / "history.csv"
+
+    def weights(self, phase: str) -> Path:
+        """The phase's best weights (by validation accuracy)."""
+        return self.phase_dir(phase) / "best.weights.h5"
+
+    def tensorboard(self, phase: str) -> Path:
+        return self.path / "tensorboard" / phase
 
 
-def atomic_write_text(path: Path, text: str) -> Path:
-    return atomic_write_bytes(path, text.encode("utf-8"))
+class TrialStore:
+    """The finished trials of a run, one JSON object a line, in the order they finished."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+
+    def records(self) -> list[Trial]:
+        if not self.path.is_file():
+            return []
+        return [Trial.from_record(json.loads(line)) for line in self.path.read_text().splitlines() if line.strip()]
+
+    def of_step(self, label: str, step: str) -> list[Trial]:
+        return [trial for trial in self.records() if trial.strategy == label and trial.step == step]
+
+    def append(self, trial: Trial) -> None:
+        """Rewrite the whole file with one more line: atomic, unlike an in-place append."""
+        existing = self.path.read_bytes() if self.path.is_file() else b""
+        atomic_write_bytes(self.path, existing + (to_json(trial.to_record()) + "\n").encode("utf-8"))
+
+    def frame(self) -> pd.DataFrame:
+        """The trials as a table, nested fields flattened into columns (`setup.backbone`, ...)."""
+        records = [trial.to_record() for trial in self.records()]
+        return pd.json_normalize(records, sep=".") if records else pd.DataFrame()
 
 
-def atomic_write_json(path: Path, value: Any) -> Path:
-    return atomic_write_text(path, json.dumps(value, indent=2, default=_jsonable) + "\n")
+class RunFolder:
+    """A run folder and every path in it; `open` creates it or checks that a resume matches."""
+
+    PARAMS = "params.yaml"
+    ENVIRONMENT = "environment.json"
+    SPLIT = "split.csv"
+    SPLIT_SUMMARY = "split_summary.json"
+    TRIALS = "trials.jsonl"
+    REPORT = "report.html"
+    NOTEBOOKS = "notebooks"
+    BEST = "best.json"
+    STATUS = "status.json"
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+
+    def __fspath__(self) -> str:
+        return str(self.path)
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+    def __repr__(self) -> str:
+        return f"RunFolder({str(self.path)!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, RunFolder) and self.path == other.path
+
+    def __hash__(self) -> int:
+        return hash(self.path)
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    @classmethod
+    def of(cls, config: Experiment) -> RunFolder:
+        """`results_dir/run_name` of a parameter file."""
+        return cls(Path(config.results_dir) / config.run_name)
+
+    @classmethod
+    def open(cls, config: Experiment, path: str | os.PathLike | RunFolder | None = None) -> RunFolder:
+        """Create the run folder with its `params.yaml`, or check that a resumed run matches.
+
+        A run resumed with other parameters would mix two experiments in one trial store,
+        so that is refused, naming the first key that differs. The stored file is validated
+        first, so that a key added to the schema since the run started counts with its
+        default, as it does in the new parameters.
+        """
+        run = cls.of(config) if path is None else cls(path)
+        stored = run.params_file
+        if stored.is_file():
+            difference = _first_difference(validate(run.read_params(), source=str(stored)).to_dict(),
+                                           config.to_dict())
+            if difference:
+                raise ConfigError(
+                    f"{stored}: the parameters differ from the ones this run started with "
+                    f"({difference}); start a new run instead of resuming"
+                )
+        else:
+            dump_params(config, stored)
+            atomic_write_json(run.environment_file, environment())
+        return run
+
+    # Files of the whole run
+    @property
+    def params_file(self) -> Path:
+        return self.path / self.PARAMS
+
+    @property
+    def environment_file(self) -> Path:
+        return self.path / self.ENVIRONMENT
+
+    @property
+    def split_file(self) -> Path:
+        return self.path / self.SPLIT
+
+    @property
+    def split_summary_file(self) -> Path:
+        return self.path / self.SPLIT_SUMMARY
+
+    @property
+    def trials_file(self) -> Path:
+        return self.path / self.TRIALS
+
+    @property
+    def report_file(self) -> Path:
+        return self.path / self.REPORT
+
+    @property
+    def notebooks_dir(self) -> Path:
+        return self.path / self.NOTEBOOKS
+
+    @property
+    def cache_dir(self) -> Path:
+        """Decoded images and pooled features, shared by every trial of the run."""
+        return self.path / "cache"
+
+    @property
+    def trials(self) -> TrialStore:
+        return TrialStore(self.trials_file)
+
+    def read_params(self) -> dict:
+        """The resolved parameters the run started with, as written."""
+        return yaml.safe_load(self.params_file.read_text())
+
+    def environment(self) -> dict[str, str]:
+        return read_json(self.environment_file)
+
+    # Per strategy (a label: the strategy, or `strategy@Backbone` in per-backbone mode) and step
+    def strategy_dir(self, label: str) -> Path:
+        return self.path / label
+
+    def step_dir(self, label: str, step: str) -> Path:
+        return self.path / label / step
+
+    def step_status_file(self, label: str, step: str) -> Path:
+        """Written when a step has ended: how many trials it ran and why it stopped."""
+        return self.step_dir(label, step) / self.STATUS
+
+    def best_file(self, label: str) -> Path:
+        return self.path / label / self.BEST
+
+    def read_best(self, label: str) -> dict:
+        return read_json(self.best_file(label))
+
+    def update_best(self, label: str, **entries: Any) -> dict:
+        """Set entries of `<label>/best.json` ("model", "final", "steps", "per_backbone")."""
+        path = self.best_file(label)
+        updated = {**(read_json(path) if path.is_file() else {"strategy": label}), **entries}
+        atomic_write_json(path, updated)
+        return updated
+
+    def predictions_file(self, label: str, split: str) -> Path:
+        return self.path / label / f"predictions-{split}.json"
+
+    # Per trial
+    def trial(self, trial_id: str) -> TrialFolder:
+        return TrialFolder(self.path / "runs" / trial_id)
 
 
-def _jsonable(value: Any) -> Any:
-    """numpy scalars and paths in records become plain JSON values."""
-    if hasattr(value, "item"):
-        return value.item()
-    if isinstance(value, Path):
-        return str(value)
-    raise TypeError(f"cannot write {type(value).__name__} to JSON")
-
-
-def read_json(path: Path) -> Any:
-    return json.loads(Path(path).read_text())
+def _first_difference(old: Any, new: Any, prefix: str = "") -> str | None:
+    if isinstance(old, dict) and isinstance(new, dict):
+        for key in list(old) + [k for k in new if k not in old]:
+            found = _first_difference(old.get(key), new.get(key), f"{prefix}{key}.")
+            if found:
+                return found
+        return None
+    return None if old == new else f"{prefix.rstrip('.')}: {old!r} -> {new!r}"
 
 
 def environment() -> dict[str, str]:
@@ -98,76 +252,6 @@ def environment() -> dict[str, str]:
     return found
 
 
-def run_dir_for(params: dict) -> Path:
-    return Path(params["results_dir"]) / params["run_name"]
-
-
-def _first_difference(old: Any, new: Any, prefix: str = "") -> str | None:
-    if isinstance(old, dict) and isinstance(new, dict):
-        for key in list(old) + [k for k in new if k not in old]:
-            found = _first_difference(old.get(key), new.get(key), f"{prefix}{key}.")
-            if found:
-                return found
-        return None
-    return None if old == new else f"{prefix.rstrip('.')}: {old!r} -> {new!r}"
-
-
-def open_run(params: dict, run_dir: Path | None = None) -> Path:
-    """Create the run folder with its `params.yaml`, or check that a resumed run matches.
-
-    A run resumed with other parameters would mix two experiments in one
-    trial store, so that is refused, naming the first key that differs. The stored
-    file is validated first, so that a key added to the schema since the run started
-    counts with its default, as it does in `params`.
-    """
-    run_dir = Path(run_dir) if run_dir is not None else run_dir_for(params)
-    stored = run_dir / PARAMS_FILE
-    if stored.is_file():
-        difference = _first_difference(validate(load_run_params(run_dir), source=str(stored)), params)
-        if difference:
-            raise ConfigError(
-                f"{stored}: the parameters differ from the ones this run started with "
-                f"({difference}); start a new run instead of resuming"
-            )
-    else:
-        atomic_write_text(stored, yaml.safe_dump(params, sort_keys=False))
-        atomic_write_json(run_dir / ENVIRONMENT_FILE, environment())
-    return run_dir
-
-
-def load_run_params(run_dir: Path) -> dict:
-    """The resolved parameters a run started with."""
-    return yaml.safe_load((Path(run_dir) / PARAMS_FILE).read_text())
-
-
-class TrialStore:
-    """The finished trials of a run, one JSON object a line, in the order they finished."""
-
-    def __init__(self, run_dir: Path):
-        self.path = Path(run_dir) / TRIALS_FILE
-
-    def records(self) -> list[dict]:
-        if not self.path.is_file():
-            return []
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
-
-    def of_step(self, strategy: str, step: str) -> list[dict]:
-        return [r for r in self.records() if r["strategy"] == strategy and r["step"] == step]
-
-    def append(self, record: dict) -> None:
-        """Rewrite the whole file with one more line: atomic, unlike an in-place append."""
-        existing = self.path.read_bytes() if self.path.is_file() else b""
-        line = json.dumps(record, default=_jsonable) + "\n"
-        atomic_write_bytes(self.path, existing + line.encode("utf-8"))
-
-    def frame(self) -> pd.DataFrame:
-        """The trials as a table, hyperparameters flattened into columns."""
-        records = self.records()
-        if not records:
-            return pd.DataFrame()
-        return pd.json_normalize(records, sep=".")
-
-
-def read_trials(run_dir: str | Path) -> pd.DataFrame:
+def read_trials(run: str | os.PathLike) -> pd.DataFrame:
     """Every finished trial of a run as a DataFrame (for notebooks and the report)."""
-    return TrialStore(Path(run_dir)).frame()
+    return RunFolder(run).trials.frame()

@@ -5,11 +5,13 @@ with the same settings give the same history on a CPU (and every new model of a 
 the same initial weights), and frees the Keras session afterwards (also when it fails),
 because a search trains many models in one process and Keras keeps every graph otherwise.
 
-With a cache folder (`TrainingSettings.cache_dir`) a run reads decoded images from the
-image cache (`data.cache_images`) and trains the classification block on cached pooled
-features (`tlopt.features`); the results are those of the on-the-fly path, only sooner.
+Every run reads its settings from the experiment's configuration (`tlopt.params.Experiment`).
+With a cache folder (`cache_dir`, a run folder's `cache/`) a run reads decoded images from
+the image cache (`data.cache_images`, when `data.image_cache` is on) and trains the
+classification block on cached pooled features (`tlopt.features`, when
+`training.feature_cache` is on); the results are those of the on-the-fly path, only sooner.
 
-Files of a run (`run_dir`):
+Files of a run, in its trial's folder (`store.TrialFolder`):
     block/history.csv, block/best.weights.h5          classification block (its Dense layer's weights)
     finetune/history.csv, finetune/best.weights.h5    fine-tuning (the whole model's weights)
     tensorboard/block/, tensorboard/finetune/         TensorBoard event files
@@ -35,9 +37,10 @@ import tensorflow as tf
 
 from tlopt import data, features
 from tlopt.backbones import build_transfer_model, set_delimiting_layer
-from tlopt.callbacks import BEST_WEIGHTS_FILE, NonconvergenceFiltering, run_callbacks
+from tlopt.callbacks import NonconvergenceFiltering, run_callbacks
 from tlopt.errors import ConfigError, DataError, TrainingError
-from tlopt.params import THESIS_OPTIMIZERS
+from tlopt.params import THESIS_OPTIMIZERS, Experiment
+from tlopt.store import TrialFolder
 
 # Each trial builds new models, so tf.function retraces by design; its warnings are noise here.
 tf.get_logger().setLevel("ERROR")
@@ -48,9 +51,6 @@ tf.get_logger().setLevel("ERROR")
 # block's training. Frozen, they are out of the collector's sight (measured: 0.01 s).
 gc.freeze()
 
-# The thesis's optimizers, in its index order (GPyOpt's discrete encoding depends on it).
-OPTIMIZERS: tuple[str, ...] = THESIS_OPTIMIZERS
-
 LOSS = "sparse_categorical_crossentropy"
 
 
@@ -60,77 +60,12 @@ def make_optimizer(name: str, learning_rate: float) -> keras.optimizers.Optimize
     The rate is always passed because Keras 3 changed several default rates since the
     thesis's Keras 2.1 (Adadelta 1.0 -> 0.001, for example).
     """
-    if name not in OPTIMIZERS:
-        raise ConfigError(f"unknown optimizer {name!r}; known optimizers: {', '.join(OPTIMIZERS)}")
+    if name not in THESIS_OPTIMIZERS:
+        raise ConfigError(f"unknown optimizer {name!r}; known optimizers: {', '.join(THESIS_OPTIMIZERS)}")
     learning_rate = float(learning_rate)
     if not (math.isfinite(learning_rate) and learning_rate >= 0):
         raise ConfigError(f"learning rate must be a finite number >= 0, got {learning_rate}")
     return getattr(keras.optimizers, name)(learning_rate=learning_rate)
-
-
-def _param(params: dict, dotted: str):
-    """params["a"]["b"] for "a.b"; ConfigError naming the key when it is missing."""
-    value = params
-    for key in dotted.split("."):
-        if not isinstance(value, dict) or key not in value:
-            raise ConfigError(f"parameter {dotted} is missing")
-        value = value[key]
-    return value
-
-
-@dataclass(frozen=True)
-class TrainingSettings:
-    """What every run of an experiment shares; the defaults are the thesis's values.
-
-    `image_cache`, `feature_cache`: read decoded images from the image cache, train the
-    classification block on cached pooled features; both need `cache_dir`, the folder of
-    the caches (a run folder's `cache/`), and without it every run decodes on the fly.
-    `mixed_precision`, `jit_compile`: GPU switches; on a machine without a GPU they warn
-    and the run goes on in float32, without XLA.
-    """
-
-    image_size: int = 299
-    batch_size: int = 16
-    block_epochs: int = 10
-    finetune_epochs: int = 50
-    early_stopping_patience: int = 5
-    nonconvergence: bool = True
-    nonconvergence_threshold: float = 0.5
-    nonconvergence_patience: int = 5
-    weights: str | None = "imagenet"
-    pooling: str = "max"
-    seed: int = 0
-    nonconvergence_monitor: str = "val_accuracy"
-    nonconvergence_mode: str = "auto"
-    image_cache: bool = False
-    feature_cache: bool = False
-    mixed_precision: bool = False
-    jit_compile: bool = False
-    cache_dir: str | None = None
-
-    @classmethod
-    def from_params(cls, params: dict, cache_dir: str | os.PathLike | None = None) -> TrainingSettings:
-        """Read the settings from a loaded parameter file (see params.py); caches go to `cache_dir`."""
-        return cls(
-            image_size=int(_param(params, "data.image_size")),
-            batch_size=int(_param(params, "data.batch_size")),
-            block_epochs=int(_param(params, "training.block_epochs")),
-            finetune_epochs=int(_param(params, "training.finetune_epochs")),
-            early_stopping_patience=int(_param(params, "training.early_stopping_patience")),
-            nonconvergence=bool(_param(params, "training.nonconvergence.enabled")),
-            nonconvergence_threshold=float(_param(params, "training.nonconvergence.threshold")),
-            nonconvergence_patience=int(_param(params, "training.nonconvergence.patience")),
-            weights=_param(params, "weights"),
-            pooling=str(_param(params, "pooling")),
-            seed=int(_param(params, "seed")),
-            nonconvergence_monitor=str(_param(params, "training.nonconvergence.monitor")),
-            nonconvergence_mode=str(_param(params, "training.nonconvergence").get("mode", "auto")),
-            image_cache=bool(_param(params, "data.image_cache")),
-            feature_cache=bool(_param(params, "training.feature_cache")),
-            mixed_precision=bool(_param(params, "training.mixed_precision")),
-            jit_compile=bool(_param(params, "training.jit_compile")),
-            cache_dir=None if cache_dir is None else str(cache_dir),
-        )
 
 
 @dataclass
@@ -172,16 +107,16 @@ def _on_gpu(switch: str, instead: str) -> bool:
 
 
 @contextmanager
-def _run_scope(settings: TrainingSettings) -> Iterator[None]:
+def _run_scope(config: Experiment) -> Iterator[None]:
     """Seed and make ops deterministic; mixed precision if asked for; afterwards free Keras.
 
     The precision policy is global in Keras, so the previous one is restored after the
     run. Op determinism is process-wide and stays on (TensorFlow cannot switch it off).
     """
     policy = keras.mixed_precision.global_policy()
-    keras.utils.set_random_seed(settings.seed)
+    keras.utils.set_random_seed(config.seed)
     tf.config.experimental.enable_op_determinism()
-    if settings.mixed_precision and _on_gpu("training.mixed_precision", "the run computes in float32"):
+    if config.training.mixed_precision and _on_gpu("training.mixed_precision", "the run computes in float32"):
         keras.mixed_precision.set_global_policy("mixed_float16")
     try:
         yield
@@ -191,32 +126,34 @@ def _run_scope(settings: TrainingSettings) -> Iterator[None]:
 
 
 def _build(
-    backbone: str, num_classes: int, settings: TrainingSettings, weights: str | os.PathLike | None
+    backbone: str, num_classes: int, config: Experiment, weights: str | os.PathLike | None, frozen: bool = False
 ) -> tuple[keras.Model, keras.Model]:
-    """The transfer model, with its softmax output in float32 also under mixed precision.
+    """The transfer model (its backbone frozen if asked), with its softmax output in float32 also under mixed precision.
 
     Keras's advice for mixed precision: float16 probabilities lose the small values the
     loss needs. Under the float32 policy this changes nothing.
     """
-    model, base = build_transfer_model(backbone, num_classes, settings.image_size, weights, settings.pooling)
+    model, base = build_transfer_model(backbone, num_classes, config.data.image_size, weights, config.pooling)
     model.get_layer("predictions").dtype_policy = keras.DTypePolicy("float32")
+    if frozen:
+        base.trainable = False
     return model, base
 
 
-def _image_cache(frame: pd.DataFrame, settings: TrainingSettings) -> data.ImageCache | None:
-    """The decoded-image cache of the whole manifest (every split shares it), if the settings use one."""
-    if settings.image_cache and settings.cache_dir is not None:
-        return data.cache_images(frame, settings.image_size, settings.cache_dir)
+def _image_cache(frame: pd.DataFrame, config: Experiment, cache_dir: str | os.PathLike | None) -> data.ImageCache | None:
+    """The decoded-image cache of the whole manifest (every split shares it), if the run uses one."""
+    if config.data.image_cache and cache_dir is not None:
+        return data.cache_images(frame, config.data.image_size, cache_dir)
     return None
 
 
 def _datasets(
-    frame: pd.DataFrame, class_names: list[str], settings: TrainingSettings
+    frame: pd.DataFrame, class_names: list[str], config: Experiment, cache_dir: str | os.PathLike | None
 ) -> tuple[tf.data.Dataset, tf.data.Dataset]:
     """The training (shuffled, flipped) and validation pipelines of the manifest's train and val rows."""
-    size, batch, seed = settings.image_size, settings.batch_size, settings.seed
+    size, batch, seed = config.data.image_size, config.data.batch_size, config.seed
     train_rows, val_rows = _rows(frame, "train"), _rows(frame, "val")
-    cache = _image_cache(frame, settings)
+    cache = _image_cache(frame, config, cache_dir)
     train = data.make_dataset(train_rows, class_names, size, batch, True, seed, cache)
     val = data.make_dataset(val_rows, class_names, size, batch, False, seed, cache)
     return train, val
@@ -229,8 +166,8 @@ def _fit(
     learning_rate: float,
     epochs: int,
     datasets: tuple[tf.data.Dataset, tf.data.Dataset] | tuple[features.FeatureBatches, features.FeatureBatches],
-    run_dir: str | os.PathLike,
-    settings: TrainingSettings,
+    folder: TrialFolder,
+    config: Experiment,
     started: float,
     observers: Sequence[keras.callbacks.Callback] = (),
     checkpointed: keras.Model | None = None,
@@ -249,10 +186,9 @@ def _fit(
         optimizer=make_optimizer(optimizer, learning_rate),
         loss=LOSS,
         metrics=["accuracy"],
-        jit_compile=settings.jit_compile and _on_gpu("training.jit_compile", "Keras compiles without XLA"),
+        jit_compile=config.training.jit_compile and _on_gpu("training.jit_compile", "Keras compiles without XLA"),
     )
-    phase_dir = Path(run_dir) / phase
-    callbacks = run_callbacks(phase_dir, Path(run_dir) / "tensorboard" / phase, settings, checkpointed)
+    callbacks = run_callbacks(folder, phase, config.training, checkpointed)
     train, val = datasets
     if isinstance(train, features.FeatureBatches):
         fitted = features.fit_head(model, train, val, epochs, [*callbacks, *observers])
@@ -291,7 +227,7 @@ def _fit(
         epochs=len(history),
         stopped_by=stopped_by,
         seconds=time.perf_counter() - started,
-        weights_path=str(phase_dir / BEST_WEIGHTS_FILE),
+        weights_path=str(folder.weights(phase)),
         history=history,
     )
 
@@ -302,36 +238,37 @@ def train_block(
     learning_rate: float,
     frame: pd.DataFrame,
     class_names: list[str],
-    run_dir: str | os.PathLike,
-    settings: TrainingSettings,
+    folder: TrialFolder | str | os.PathLike,
+    config: Experiment,
+    cache_dir: str | os.PathLike | None = None,
     observers: Sequence[keras.callbacks.Callback] = (),
 ) -> RunResult:
-    """Train the classification block on the frozen backbone for at most `block_epochs`.
+    """Train the classification block on the frozen backbone for at most `training.block_epochs`.
 
-    `frame` is the split manifest (its train rows fit, its val rows validate). The
-    checkpoint keeps the Dense layer's weights at the best validation accuracy; the
-    backbone's are those it starts with (`settings.weights`), which fine-tuning builds
-    again. With `feature_cache` (and a `cache_dir`) the Dense layer trains on cached
-    pooled features instead of running the frozen backbone in every epoch.
+    `frame` is the split manifest (its train rows fit, its val rows validate); `folder`
+    the trial's folder (`store.TrialFolder`, or its path). The checkpoint keeps the Dense layer's weights at the best validation accuracy; the
+    backbone's are those it starts with (`config.weights`), which fine-tuning builds
+    again. With `training.feature_cache` (and a `cache_dir`) the Dense layer trains on
+    cached pooled features instead of running the frozen backbone in every epoch.
     """
-    with _run_scope(settings):
+    folder = TrialFolder(folder)
+    with _run_scope(config):
         started = time.perf_counter()
-        if settings.feature_cache and settings.cache_dir is not None:
-            model, datasets = _head_on_cached_features(backbone, frame, class_names, settings)
+        if config.training.feature_cache and cache_dir is not None:
+            model, datasets = _head_on_cached_features(backbone, frame, class_names, config, cache_dir)
             checkpointed = None  # the head is the Dense layer alone
         else:
-            model, base = _build(backbone, len(class_names), settings, settings.weights)
-            base.trainable = False
-            datasets = _datasets(frame, class_names, settings)
+            model, _ = _build(backbone, len(class_names), config, config.weights, frozen=True)
+            datasets = _datasets(frame, class_names, config, cache_dir)
             checkpointed = features.head_of(model)
         return _fit(
-            "block", model, optimizer, learning_rate, settings.block_epochs, datasets, run_dir, settings, started,
+            "block", model, optimizer, learning_rate, config.training.block_epochs, datasets, folder, config, started,
             observers, checkpointed,
         )
 
 
 def _head_on_cached_features(
-    backbone: str, frame: pd.DataFrame, class_names: list[str], settings: TrainingSettings
+    backbone: str, frame: pd.DataFrame, class_names: list[str], config: Experiment, cache_dir: str | os.PathLike
 ) -> tuple[keras.Model, tuple[features.FeatureBatches, features.FeatureBatches]]:
     """The Dense layer alone and its training and validation batches of cached features.
 
@@ -341,35 +278,37 @@ def _head_on_cached_features(
     """
     train_rows, val_rows = _rows(frame, "train"), _rows(frame, "val")
     wanted = [
-        features.features_path(backbone, train_rows, features.ALL_FLIPS, settings),
-        features.features_path(backbone, val_rows, features.NO_FLIP, settings),
-        features.initial_head_path(backbone, len(class_names), settings),
+        features.features_path(backbone, train_rows, features.ALL_FLIPS, config, cache_dir),
+        features.features_path(backbone, val_rows, features.NO_FLIP, config, cache_dir),
+        features.initial_head_path(backbone, len(class_names), config, cache_dir),
     ]
     if all(path.is_file() for path in wanted):
         train, val = np.load(wanted[0]), np.load(wanted[1])
-        head = features.new_head(features.initial_head_weights(backbone, len(class_names), settings))
+        head = features.new_head(features.initial_head_weights(backbone, len(class_names), config, cache_dir))
     else:
-        model, base = _build(backbone, len(class_names), settings, settings.weights)
-        base.trainable = False
-        cache = _image_cache(frame, settings)
-        train = features.pooled_features(model, backbone, train_rows, class_names, features.ALL_FLIPS, settings, cache)
-        val = features.pooled_features(model, backbone, val_rows, class_names, features.NO_FLIP, settings, cache)
-        features.keep_initial_head(model, backbone, settings)
+        model, _ = _build(backbone, len(class_names), config, config.weights, frozen=True)
+        cache = _image_cache(frame, config, cache_dir)
+        train, val = (
+            features.pooled_features(model, backbone, rows, class_names, variants, config, cache_dir, cache)
+            for rows, variants in ((train_rows, features.ALL_FLIPS), (val_rows, features.NO_FLIP))
+        )
+        features.keep_initial_head(model, backbone, config, cache_dir)
         head = features.head_of(model)
     train_labels, val_labels = data.label_indices(train_rows, class_names), data.label_indices(val_rows, class_names)
+    batch_size = config.data.batch_size
     return head, (
-        features.FeatureBatches(train, train_labels, settings.batch_size, settings.seed),
-        features.FeatureBatches(val, val_labels, settings.batch_size),
+        features.FeatureBatches(train, train_labels, batch_size, config.seed),
+        features.FeatureBatches(val, val_labels, batch_size),
     )
 
 
 def _load_model(
-    backbone: str, weights_path: str | os.PathLike, num_classes: int, settings: TrainingSettings
+    backbone: str, weights_path: str | os.PathLike, num_classes: int, config: Experiment
 ) -> tuple[keras.Model, keras.Model]:
     """The transfer model with a fine-tuned run's saved weights (random initialisation first: they replace it)."""
     if not Path(weights_path).is_file():
         raise TrainingError(f"weights file not found: {weights_path}")
-    model, base = _build(backbone, num_classes, settings, None)
+    model, base = _build(backbone, num_classes, config, None)
     model.load_weights(weights_path)
     return model, base
 
@@ -382,11 +321,12 @@ def fine_tune(
     block_weights: str | os.PathLike,
     frame: pd.DataFrame,
     class_names: list[str],
-    run_dir: str | os.PathLike,
-    settings: TrainingSettings,
+    folder: TrialFolder | str | os.PathLike,
+    config: Experiment,
+    cache_dir: str | os.PathLike | None = None,
     observers: Sequence[keras.callbacks.Callback] = (),
 ) -> RunResult:
-    """Fine-tune from the classification block's best weights for at most `finetune_epochs`.
+    """Fine-tune from the classification block's best weights for at most `training.finetune_epochs`.
 
     The transfer model is built as the block's run built it (the backbone's starting
     weights) and takes the block's Dense layer from `block_weights`. Backbone layers
@@ -395,15 +335,16 @@ def fine_tune(
     """
     if not Path(block_weights).is_file():
         raise TrainingError(f"weights file not found: {block_weights}")
-    with _run_scope(settings):
+    folder = TrialFolder(folder)
+    with _run_scope(config):
         started = time.perf_counter()
-        model, base = _build(backbone, len(class_names), settings, settings.weights)
+        model, base = _build(backbone, len(class_names), config, config.weights)
         features.head_of(model).load_weights(block_weights)
-        datasets = _datasets(frame, class_names, settings)
+        datasets = _datasets(frame, class_names, config, cache_dir)
         set_delimiting_layer(base, delimiting_layer)
         return _fit(
-            "finetune", model, optimizer, learning_rate, settings.finetune_epochs, datasets, run_dir, settings, started,
-            observers,
+            "finetune", model, optimizer, learning_rate, config.training.finetune_epochs, datasets, folder, config,
+            started, observers,
         )
 
 
@@ -412,14 +353,15 @@ def predict(
     weights_path: str | os.PathLike,
     frame: pd.DataFrame,
     class_names: list[str],
-    settings: TrainingSettings,
+    config: Experiment,
 ) -> np.ndarray:
     """Predicted class indices for every row of `frame`, in its order (no augmentation).
 
     The images are decoded on the fly: one pass, and `frame` is often one split only,
     whose images the manifest's image cache holds among others.
     """
-    with _run_scope(settings):
-        model, _ = _load_model(backbone, weights_path, len(class_names), settings)
-        images = data.make_dataset(frame, class_names, settings.image_size, settings.batch_size, False, settings.seed)
+    with _run_scope(config):
+        model, _ = _load_model(backbone, weights_path, len(class_names), config)
+        images = data.make_dataset(frame, class_names, config.data.image_size, config.data.batch_size, False,
+                                   config.seed)
         return np.argmax(model.predict(images, verbose=0), axis=1)

@@ -1,0 +1,61 @@
+"""The checks the strategy notebooks end with: a finished search is what its files say it is.
+
+Each raises AssertionError with a message naming what is wrong; a notebook's last cell
+calls one, so `tlopt run` and the notebook tests fail on a search that broke its promises.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tlopt import backbones
+from tlopt.analysis import strategy_trials
+from tlopt.params import Experiment
+from tlopt.store import RunFolder
+from tlopt.strategies import LAYER_STEP, get_strategy, strategy_runs
+from tlopt.trials import Trial, TrialState
+
+
+def _check_search(config: Experiment, run: RunFolder, strategy: str, steps: tuple[str, ...], best: Trial) -> None:
+    """Budgets kept, the best trial the best of the last step, weights and convergence plots on disk."""
+    trials = strategy_trials(run, strategy, steps)
+    finished = trials[trials["status"] == TrialState.OK]
+    assert (trials.groupby(["strategy", "step"]).size() <= config.bo.budget).all(), \
+        "a step ran more trials than its budget"
+    assert best.val_accuracy == finished[finished["step"] == steps[-1]]["val_accuracy"].max(), \
+        "the best trial is not the best of the last step"
+    assert all(Path(path).is_file() for path in finished["weights"]), "a finished trial lost its weights"
+    for label, _ in strategy_runs(config, strategy):
+        for step in steps:
+            assert (run.step_dir(label, step) / "convergence.png").is_file(), f"{label}/{step}: no convergence plot"
+
+
+def _check_builds_on(trial: Trial, basis: dict) -> None:
+    """`trial` kept the setup of the trial it built on, but for what its own step searched."""
+    searched = set(trial.hyperparameters) | {key for key in trial.setup if key.startswith("delimiting")}
+    changed = sorted(key for key, value in basis.items() if key not in searched and trial.setup.get(key) != value)
+    assert not changed, f"{trial.id} does not build on the best setup of the step before it: {changed} differ"
+
+
+def check_strategy(config: Experiment, run: RunFolder, strategy: str, best: Trial) -> None:
+    """After model optimization of `strategy` (notebooks 01-03); each step built on the one before."""
+    steps = get_strategy(strategy).step_names
+    _check_search(config, run, strategy, steps, best)
+    assert run.read_best(strategy)["model"]["id"] == best.id, "best.json does not hold the best trial"
+    stored = run.read_best(best.strategy)["steps"]
+    for earlier, later in zip(steps, steps[1:]):
+        _check_builds_on(Trial.from_record(stored[later]), stored[earlier]["setup"])
+    if strategy == "joint":
+        assert "delimiting_fraction" in best.setup, "joint searches the delimiting fraction"
+
+
+def check_layer_optimization(config: Experiment, run: RunFolder, strategy: str, final: Trial) -> None:
+    """After layer optimization of `strategy` (notebook 04): only the delimiting layer changed."""
+    _check_search(config, run, strategy, (LAYER_STEP.name,), final)
+    assert run.read_best(strategy)["final"]["id"] == final.id, "best.json does not hold the final model"
+    _check_builds_on(final, run.read_best(final.strategy)["model"]["setup"])
+    assert 0 <= final.setup["delimiting_layer"] <= backbones.layer_count(final.setup["backbone"])
+    if config.bo.method == "bayesian" and config.bo.budget > 1:
+        for label, _ in strategy_runs(config, strategy):
+            assert (run.step_dir(label, LAYER_STEP.name) / "acquisition.png").is_file(), \
+                f"{label}: the 1-D surrogate plot is missing"

@@ -1,0 +1,82 @@
+"""The trial record: what one evaluation of a BO step chose, trained and reached.
+
+`trials.jsonl` holds one `Trial` a line (`Trial.to_record`); its fields are the ones the
+first version wrote, so that runs made by it still resume. `status` is a `TrialState`,
+a string enum: the file says "ok" or "failed", and code compares with the enum.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+
+class TrialState(StrEnum):
+    """How a trial ended: trained to its result, or raised (NaN loss, out of memory, ...)."""
+
+    OK = "ok"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True)
+class Trial:
+    """One finished trial of a BO step.
+
+    `x` is the GPyOpt row BO chose, `hyperparameters` its decoded values, `setup` the
+    complete description of what was trained (layer optimization and the final
+    evaluation read it), `phases` a summary of each training run (block, finetune).
+    The result fields are None for a failed trial.
+    """
+
+    id: str
+    strategy: str
+    step: str
+    index: int
+    method: str
+    x: list[float]
+    hyperparameters: dict[str, Any]
+    started_at: str
+    status: TrialState
+    error: str | None = None
+    val_accuracy: float | None = None
+    val_loss: float | None = None
+    epochs: int | None = None
+    stopped_by: str | None = None
+    weights: str | None = None
+    setup: dict[str, Any] = field(default_factory=dict)
+    phases: dict[str, dict] = field(default_factory=dict)
+    seconds: float = 0.0
+    traceback: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.status is TrialState.OK
+
+    @property
+    def score(self) -> float:
+        """The value BO maximizes; a failed trial scores the worst possible accuracy."""
+        return self.val_accuracy if self.ok else 0.0
+
+    def to_record(self) -> dict[str, Any]:
+        """The trial as one line of trials.jsonl (a failed trial's traceback included)."""
+        record = dataclasses.asdict(self)
+        record["status"] = str(self.status)
+        if record["traceback"] is None:
+            del record["traceback"]
+        return record
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any]) -> Trial:
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{**{k: v for k, v in record.items() if k in names}, "status": TrialState(record["status"])})
+
+
+def best_trial(trials: Iterable[Trial]) -> Trial | None:
+    """Highest validation accuracy; ties (at 1.0, say) broken by lower validation loss."""
+    finished = [trial for trial in trials if trial.ok]
+    if not finished:
+        return None
+    return max(finished, key=lambda trial: (trial.val_accuracy, -trial.val_loss))
