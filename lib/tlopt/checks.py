@@ -6,6 +6,7 @@ calls one, so `tlopt run` and the notebook tests fail on a search that broke its
 
 from __future__ import annotations
 
+from itertools import pairwise
 from pathlib import Path
 
 from tlopt import backbones
@@ -43,7 +44,7 @@ def check_strategy(config: Experiment, run: RunFolder, strategy: str, best: Tria
     _check_search(config, run, strategy, steps, best)
     assert run.read_best(strategy)["model"]["id"] == best.id, "best.json does not hold the best trial"
     stored = run.read_best(best.strategy)["steps"]
-    for earlier, later in zip(steps, steps[1:]):
+    for earlier, later in pairwise(steps):
         _check_builds_on(Trial.from_record(stored[later]), stored[earlier]["setup"])
     if strategy == "joint":
         assert "delimiting_fraction" in best.setup, "joint searches the delimiting fraction"
