@@ -9,8 +9,8 @@ from tlopt.backbones import BACKBONES, build_transfer_model
 from tlopt.demo_data import generate_demo_dataset
 from tlopt.export import with_standard_preprocessing
 
-# Building the largest backbones is most of their cost (seconds each on 2 cores).
-SLOW = {"InceptionResNetV2", "DenseNet169", "DenseNet201", "Xception", "InceptionV3"}
+# Building a backbone is most of the cost; these six took 12-20 s each on 2 busy cores, the others 3-8 s.
+SLOW = {"InceptionResNetV2", "DenseNet121", "DenseNet169", "DenseNet201", "InceptionV3", "EfficientNetB0"}
 
 
 @pytest.mark.parametrize("name", [pytest.param(name, marks=pytest.mark.slow) if name in SLOW else name

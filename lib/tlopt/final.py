@@ -30,9 +30,13 @@ from tlopt.trials import Trial, TrialState, best_trial
 REPEAT_STEP = "repeat"
 
 
+def _finals(run: RunFolder | str | os.PathLike) -> dict[str, Trial]:
+    return {strategy: analysis.final_trial(run, strategy) for strategy in analysis.finished_strategies(run)}
+
+
 def winner(run: RunFolder | str | os.PathLike) -> tuple[str, Trial] | None:
     """(strategy, final trial) of the best final model across the finished strategies; None when none finished."""
-    finals = {strategy: analysis.final_trial(run, strategy) for strategy in analysis.finished_strategies(run)}
+    finals = _finals(run)
     best = best_trial(finals.values())
     if best is None:
         return None
@@ -46,12 +50,11 @@ def name_winner(run: RunFolder | str | os.PathLike) -> dict[str, Any]:
     if found is None:
         raise TloptError(f"{run} has no final model yet: no strategy has finished")
     strategy, trial = found
-    candidates = {name: analysis.final_trial(run, name) for name in analysis.finished_strategies(run)}
     record = {
         "strategy": strategy,
         "trial": trial.to_record(),
         "candidates": {name: {"trial": final.id, "score": final.score, "val_accuracy": final.val_accuracy,
-                              "val_loss": final.val_loss} for name, final in candidates.items()},
+                              "val_loss": final.val_loss} for name, final in _finals(run).items()},
     }
     if not run.winner_file.is_file() or run.read_winner() != json.loads(to_json(record)):
         atomic_write_json(run.winner_file, record)  # only when it changes: a resumed run rewrites nothing

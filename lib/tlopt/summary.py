@@ -84,11 +84,11 @@ def summary_markdown(run: RunFolder | str | os.PathLike) -> str:
         parts.append("Its scores: none yet (notebook 05 evaluates the final models).")
     parts += ["**The strategies side by side** (the winner marked):",
               _html(comparison(run, evaluations, strategy))]
-    repeats = [record for record in run.repeats.records() if record.ok]
+    repeats = [record.val_accuracy for record in run.repeats.records() if record.ok]
     if repeats:
-        accuracy = pd.Series([record.val_accuracy for record in repeats])
-        parts.append(f"**Training noise**: the winner's setup trained {len(repeats)} more times with other seeds "
-                     f"reached a validation accuracy of {accuracy.mean():.4f} +- {accuracy.std(ddof=1):.4f} "
-                     f"(min {accuracy.min():.4f}, max {accuracy.max():.4f}).")
+        accuracy = pd.Series([trial.val_accuracy, *repeats])
+        parts.append(f"**Training noise**: the winner's setup trained {len(repeats)} more times with other seeds: "
+                     f"validation accuracy {accuracy.mean():.4f} +- {accuracy.std():.4f} (standard deviation; "
+                     f"min {accuracy.min():.4f}, max {accuracy.max():.4f}) over these {len(accuracy)} runs.")
     parts.append(f"**Time**: {_run_time(run)}")
     return "\n\n".join(parts)
