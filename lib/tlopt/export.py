@@ -9,16 +9,20 @@ off the backbone's own `preprocess_input`, which is an affine map of each pixel 
 registered backbone (checked when a model is exported), so no table of preprocessing
 conventions is kept here; the probabilities equal the run's own to about 1e-7.
 
-What a user needs besides the weights travels in the same file, as the member `tlopt.json`
-of the `.keras` zip archive: the class names in order, the input size, the backbone and the
-whole setup, the scores, the tlopt version and the run's parameters. `read_model_info`
-reads it; without tlopt, `json.loads(zipfile.ZipFile(path).read("tlopt.json"))` does.
+What a user needs besides the weights travels in the same file, under the key "tlopt" of
+the `metadata.json` that Keras writes into the `.keras` zip archive (and does not read when
+loading): the class names in order, the input size, the backbone and the whole setup, the
+scores, the tlopt version and the run's parameters. `read_model_info` reads it; without
+tlopt, `json.loads(zipfile.ZipFile(path).read("metadata.json"))["tlopt"]` does. A member of
+its own would cost every load: Keras extracts an archive of more than three members to a
+temporary folder.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import tempfile
 import zipfile
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -36,7 +40,8 @@ from tlopt.params import Experiment
 from tlopt.store import RunFolder
 from tlopt.trials import Trial
 
-MODEL_INFO = "tlopt.json"
+KERAS_METADATA = "metadata.json"
+MODEL_INFO = "tlopt"  # the key of the model's information in Keras's metadata.json
 FORMAT = "tlopt-model/1"
 INPUT = ("uint8 RGB pixels, shape (images, image_size, image_size, 3): each image decoded and resized "
          "(bilinear, rounded) to image_size x image_size, as tlopt.data decodes it for training")
@@ -123,7 +128,7 @@ def _scores(config: Experiment, run: RunFolder, strategy: str, trial: Trial) -> 
 
 
 def model_info(run: RunFolder | str | os.PathLike, strategy: str | None = None) -> dict[str, Any]:
-    """What an exported model carries besides its weights (the `tlopt.json` member)."""
+    """What an exported model carries besides its weights (the "tlopt" entry of its `metadata.json`)."""
     run = RunFolder(run)
     config = run.read_config()
     strategy, winner = _chosen(run, strategy)
@@ -152,9 +157,9 @@ def export_model(run: RunFolder | str | os.PathLike, strategy: str | None = None
                  path: str | os.PathLike | None = None) -> Path:
     """Write the winner's (or `strategy`'s) final model as one `.keras` file; return its path.
 
-    Default path: `RunFolder.model_file(strategy)` (`<run>/model.keras` for the winner). The
-    file is written whole under a temporary name and renamed, with `tlopt.json` added to
-    the archive Keras wrote.
+    Default path: `RunFolder.model_file(strategy)` (`<run>/model.keras` for the winner). Keras
+    saves the model into a scratch folder beside the target; its archive is copied under a
+    temporary name with the information added to `metadata.json`, and renamed into place.
     """
     run = RunFolder(run)
     info = model_info(run, strategy)
@@ -162,29 +167,36 @@ def export_model(run: RunFolder | str | os.PathLike, strategy: str | None = None
     if target.suffix != ".keras":
         raise TloptError(f"{target}: an exported model's file name must end in .keras")
     model = final_model(run, info["strategy"])
-    with atomic_path(target, suffix=".keras") as temporary:
-        model.save(temporary)
-        with zipfile.ZipFile(temporary, "a", compression=zipfile.ZIP_DEFLATED) as archive:
-            archive.writestr(MODEL_INFO, json.dumps(info, indent=1))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{target.name}.") as scratch:
+        saved = Path(scratch) / "model.keras"
+        model.save(saved)
+        with zipfile.ZipFile(saved) as source, atomic_path(target, suffix=".keras") as temporary, \
+                zipfile.ZipFile(temporary, "w") as archive:
+            for member in source.infolist():
+                content = source.read(member)
+                if member.filename == KERAS_METADATA:
+                    content = json.dumps({**json.loads(content), MODEL_INFO: info}, indent=1).encode()
+                archive.writestr(member, content)
     keras.backend.clear_session()
     return target
 
 
 def read_model_info(path: str | os.PathLike) -> dict[str, Any]:
-    """The `tlopt.json` of an exported model: class names, input size, setup, scores, parameters, version."""
+    """What an exported model carries: class names, input size, setup, scores, parameters, version."""
     path = Path(path)
     if not path.is_file():
         raise TloptError(f"model file not found: {path}")
     try:
         with zipfile.ZipFile(path) as archive:
-            return json.loads(archive.read(MODEL_INFO))
-    except (zipfile.BadZipFile, KeyError):
-        raise TloptError(f"{path} is not a model exported by tlopt (no {MODEL_INFO} in it)") from None
+            return json.loads(archive.read(KERAS_METADATA))[MODEL_INFO]
+    except (zipfile.BadZipFile, KeyError, ValueError):
+        raise TloptError(f"{path} is not a model exported by tlopt (no '{MODEL_INFO}' in its {KERAS_METADATA})") from None
 
 
 @dataclass
 class ExportedModel:
-    """An exported model loaded: the Keras model and its `tlopt.json`."""
+    """An exported model loaded: the Keras model and its information (`read_model_info`)."""
 
     model: keras.Model
     info: dict[str, Any]
