@@ -11,7 +11,7 @@ predicted a batch at a time, on whatever device Keras has (a CPU is enough).
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,24 +82,6 @@ def _decoded(path: str, image_size: int) -> tuple[np.ndarray | None, str | None]
         return None, f"does not decode as an image: {reason}"
 
 
-def _batches(paths: Sequence[str], image_size: int, batch_size: int, skipped: list[tuple[str, str]]
-             ) -> Iterator[tuple[list[str], np.ndarray]]:
-    """Decoded images in batches of `batch_size`, in order; files that do not decode go to `skipped`."""
-    names, images = [], []
-    with ThreadPoolExecutor(max_workers=os.cpu_count()) as pool:
-        for path, (image, reason) in zip(paths, pool.map(lambda path: _decoded(path, image_size), paths)):
-            if image is None:
-                skipped.append((path, reason))
-                continue
-            names.append(path)
-            images.append(image)
-            if len(images) == batch_size:
-                yield names, np.stack(images)
-                names, images = [], []
-    if images:
-        yield names, np.stack(images)
-
-
 @dataclass
 class Predictions:
     """One row per predicted image (`path`, `predicted`, `p_<class>` for every class), and the files skipped (`path`, `reason`)."""
@@ -126,6 +108,22 @@ def _write_overlay(path: str, cam: np.ndarray, target: Path) -> None:
         Image.fromarray(explain.overlay(image, cam)).save(temporary)
 
 
+def _predicted_rows(loaded: ExportedModel, paths: list[str], images: np.ndarray, explain_dir: Path | None,
+                    taken: set[str]) -> list[dict]:
+    """The table's rows of a batch of decoded images (and their overlays, written to `explain_dir`)."""
+    names = loaded.class_names
+    probabilities = np.asarray(loaded.model.predict_on_batch(images))
+    rows = [{PATH_COLUMN: path, "predicted": names[int(np.argmax(p))],
+             **{probability_column(name): float(value) for name, value in zip(names, p)}}
+            for path, p in zip(paths, probabilities)]
+    if explain_dir is not None:
+        maps, _ = explain.grad_cam(loaded.model, images, probabilities.argmax(axis=1))
+        for row, cam in zip(rows, maps):
+            row["explanation"] = str(_explanation_file(explain_dir, row[PATH_COLUMN], taken))
+            _write_overlay(row[PATH_COLUMN], cam, Path(row["explanation"]))
+    return rows
+
+
 def predict_images(model: ExportedModel | str | os.PathLike, images: Iterable[str | os.PathLike],
                    batch_size: int = 32, explain_dir: str | os.PathLike | None = None,
                    progress: bool = True) -> Predictions:
@@ -133,34 +131,32 @@ def predict_images(model: ExportedModel | str | os.PathLike, images: Iterable[st
 
     `images`: files, folders, CSV files with a `path` column (`image_paths`). With
     `explain_dir`, a Grad-CAM overlay of each image's predicted class is written there as
-    `<image name>.png`, and the table gains an `explanation` column. A progress bar shows
-    on lists longer than one batch.
+    `<image name>.png`, and the table gains an `explanation` column. The files are decoded
+    a batch at a time (in threads), so memory holds one batch however long the list; a
+    progress bar shows on lists longer than one batch.
     """
     from tqdm.auto import tqdm
 
     paths = image_paths(images)
     loaded = model if isinstance(model, ExportedModel) else load_model(model)
-    names = loaded.class_names
-    rows, skipped, taken = [], [], set()
     folder = None if explain_dir is None else Path(explain_dir)
-    with tqdm(total=len(paths), unit="image", disable=not progress or len(paths) <= batch_size) as bar:
-        for batch_paths, batch in _batches(paths, loaded.image_size, batch_size, skipped):
-            probabilities = np.asarray(loaded.model.predict_on_batch(batch))
-            batch_rows = [{PATH_COLUMN: path, "predicted": names[int(np.argmax(p))],
-                           **{probability_column(name): float(value) for name, value in zip(names, p)}}
-                          for path, p in zip(batch_paths, probabilities)]
-            if folder is not None:
-                maps, _ = explain.grad_cam(loaded.model, batch, probabilities.argmax(axis=1))
-                for row, cam in zip(batch_rows, maps):
-                    row["explanation"] = str(_explanation_file(folder, row[PATH_COLUMN], taken))
-                    _write_overlay(row[PATH_COLUMN], cam, Path(row["explanation"]))
-            rows += batch_rows
-            bar.update(len(rows) + len(skipped) - bar.n)
-        bar.update(len(paths) - bar.n)  # files skipped after the last batch
+    rows, skipped, taken = [], [], set()
+    with ThreadPoolExecutor(max_workers=os.cpu_count()) as pool, \
+            tqdm(total=len(paths), unit="image", disable=not progress or len(paths) <= batch_size) as bar:
+        for start in range(0, len(paths), batch_size):
+            chunk = paths[start : start + batch_size]
+            decoded = list(pool.map(lambda path: _decoded(path, loaded.image_size), chunk))
+            skipped += [(path, reason) for path, (image, reason) in zip(chunk, decoded) if image is None]
+            good = [(path, image) for path, (image, _) in zip(chunk, decoded) if image is not None]
+            if good:
+                rows += _predicted_rows(loaded, [path for path, _ in good], np.stack([image for _, image in good]),
+                                        folder, taken)
+            bar.update(len(chunk))
     if not rows:
         path, reason = skipped[0]
         raise TloptError(f"none of the {len(paths)} file(s) is an image that decodes (first: {path}: {reason})")
-    columns = [PATH_COLUMN, "predicted", *map(probability_column, names), *(["explanation"] if folder else [])]
+    columns = [PATH_COLUMN, "predicted", *map(probability_column, loaded.class_names),
+               *(["explanation"] if folder else [])]
     return Predictions(pd.DataFrame(rows, columns=columns), pd.DataFrame(skipped, columns=[PATH_COLUMN, "reason"]))
 
 
