@@ -1,6 +1,7 @@
 """`tlopt run params/ci.yaml` end to end, as a user runs it: the results layout, the report, resume."""
 
 import json
+import re
 from pathlib import Path
 
 import nbformat
@@ -21,13 +22,18 @@ REPORT_SECTIONS = [
     "Final models: per-class metrics and confusion matrices", "Comparison with the dataset paper",
     "Time per strategy", "Nonconvergence filtering", "Environment",
     "Validation and held-out test, side by side", "Failed trials and stopped runs",
+    "Summary", "The winner: shared", "The strategies side by side", "The notebooks", "Training noise",
+    "ROC curves and AUC", "Calibration", "Explanation maps",
 ]
+# What TensorFlow and absl write at start-up (absl's "I0000 00:00:..." prefix, the CPU feature guard, oneDNN).
+START_UP_LINE = re.compile(r"absl::|cpu_feature_guard|oneDNN|^[IWEF]\d{4} \d\d:\d\d:", re.MULTILINE)
 
 
 def test_the_run_writes_every_file_of_the_results_layout(finished_run):
     run_dir, result = finished_run
     for name in ("params.yaml", "environment.json", "split.csv", "trials.jsonl", "report.html",
-                 "shared/best.json"):
+                 "shared/best.json", "best.json", "tables/strategy_comparison.csv", "tables/metrics-shared-val.tex",
+                 "figures/roc-shared-val.svg", "figures/gradcam-shared-val.png"):
         assert (run_dir / name).is_file(), name
     assert load_params(run_dir / "params.yaml").run_name == "e2e"
 
@@ -63,6 +69,15 @@ def test_the_report_holds_every_section_and_fetches_nothing(finished_run):
     for section in REPORT_SECTIONS:
         assert section in html, section
     assert "<script" not in html
+
+
+def test_no_tensorflow_or_absl_start_up_line_in_a_notebook_or_the_report(finished_run):
+    run_dir, _ = finished_run
+    for path in (run_dir / "notebooks").glob("*.ipynb"):
+        for cell in nbformat.read(path, as_version=4).cells:
+            for output in cell.get("outputs", []):
+                assert not START_UP_LINE.search(output.get("text", "")), f"{path.name}: {output['text'][:300]}"
+    assert not START_UP_LINE.search((run_dir / "report.html").read_text())
 
 
 def test_resume_of_a_finished_run_does_no_new_work(finished_run, ci_params):

@@ -130,10 +130,11 @@ def test_fine_tuning_starts_from_the_block_weights_and_predict_reads_its_own(blo
     assert result.val_loss == pytest.approx(block_result.val_loss, rel=1e-4)
 
     val = frame[frame["split"] == "val"]
-    predicted = predict(BACKBONE, result.weights_path, val, names, SETTINGS)
+    probabilities = predict(BACKBONE, result.weights_path, val, names, SETTINGS)
     truth = val["label"].map(names.index).to_numpy()
-    assert predicted.shape == (len(val),)
-    assert np.mean(predicted == truth) == pytest.approx(result.val_accuracy)
+    assert probabilities.shape == (len(val), len(names))
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1, rtol=1e-6)
+    assert np.mean(probabilities.argmax(axis=1) == truth) == pytest.approx(result.val_accuracy)
 
 
 @pytest.mark.slow

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from tlopt import data, metrics
+from tlopt import bootstrap, data, metrics
 from tlopt.files import atomic_write_json, read_json
 from tlopt.params import Experiment
 from tlopt.store import RunFolder
@@ -178,21 +178,54 @@ def strategy_summary(run: Run) -> pd.DataFrame:
 
 @dataclass
 class Evaluation:
-    """A final model's predictions on one split, scored."""
+    """A final model's predictions on one split, scored.
+
+    `intervals`: the bootstrap estimate and 95 % interval of each score (`tlopt.bootstrap`).
+    `probabilities`: every class's probability per image, None for predictions that a
+    first version of tlopt stored (classes only); `true` and `paths` in the same order.
+    """
 
     strategy: str
     split: str
     metrics: pd.DataFrame
     confusion: pd.DataFrame
+    intervals: pd.DataFrame | None = None
+    true: np.ndarray | None = None
+    probabilities: np.ndarray | None = None
+    paths: list[str] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        """`<strategy> (<split>)`, how tables and figures name it."""
+        return f"{self.strategy} ({self.split})"
+
+
+def _predict_split(config: Experiment, run: RunFolder, strategy: str, rows: pd.DataFrame, names: list[str],
+                   trainer: Any) -> dict:
+    """The stored form of a split's predictions: the images, true and predicted classes, every probability.
+
+    A trainer's `predict` gives probabilities (images x classes); class indices alone are
+    accepted too (stored as they are, as tlopt 0.1.0 stored them).
+    """
+    final = final_trial(run, strategy)
+    output = np.asarray(trainer.predict(final.setup["backbone"], final.weights, rows, names, config))
+    predictions = {"trial": final.id, "class_names": names, "path": rows["path"].tolist(),
+                   "true": rows["label"].map(names.index).tolist()}
+    if output.ndim == 2:
+        return {**predictions, "predicted": output.argmax(axis=1).tolist(), "probabilities": output.tolist()}
+    return {**predictions, "predicted": output.tolist()}
 
 
 def evaluate_final_model(config: Experiment, run: Run, strategy: str, split: str = "val",
                          trainer: Any = None) -> Evaluation:
-    """Predict `split` with the strategy's final weights; per-class metrics and confusion matrix.
+    """Predict `split` with the strategy's final weights; per-class metrics, confusion matrix, intervals.
 
-    The predictions are stored (`<strategy>/predictions-<split>.json`) and reused, so the
-    held-out test split is predicted exactly once, after all optimization, however often
-    the analysis runs. `trainer` defaults to `tlopt.training`.
+    The predictions are stored (`<strategy>/predictions-<split>.json`, every class's
+    probability included) and reused, so the held-out test split is predicted exactly
+    once, after all optimization, however often the analysis runs. Files stored by the
+    first version (classes only) are read as they are. The intervals resample whole
+    groups when the split keeps groups together (`data.group_pattern`); `final.bootstrap_samples`
+    resamples, seeded by the run's seed. `trainer` defaults to `tlopt.training`.
     """
     if trainer is None:
         from tlopt import training as trainer
@@ -203,18 +236,20 @@ def evaluate_final_model(config: Experiment, run: Run, strategy: str, split: str
     if stored.is_file():
         predictions = read_json(stored)
     else:
-        rows = manifest[manifest["split"] == split]
-        final = final_trial(run, strategy)
-        predicted = trainer.predict(final.setup["backbone"], final.weights, rows, names, config)
-        predictions = {"trial": final.id, "path": rows["path"].tolist(),
-                       "true": rows["label"].map(names.index).tolist(), "predicted": np.asarray(predicted).tolist()}
+        predictions = _predict_split(config, run, strategy, manifest[manifest["split"] == split], names, trainer)
         atomic_write_json(stored, predictions)
     true, predicted = np.asarray(predictions["true"]), np.asarray(predictions["predicted"])
+    groups = manifest.set_index("path")["group"].reindex(predictions["path"]) if config.data.group_pattern else None
+    probabilities = predictions.get("probabilities")
     return Evaluation(
         strategy=strategy,
         split=split,
         metrics=metrics.per_class_metrics(true, predicted, names),
         confusion=metrics.confusion_matrix(true, predicted, names),
+        intervals=bootstrap.intervals(true, predicted, names, config.final.bootstrap_samples, config.seed, groups),
+        true=true,
+        probabilities=None if probabilities is None else np.asarray(probabilities, dtype=np.float32),
+        paths=list(predictions["path"]),
     )
 
 
@@ -327,3 +362,118 @@ def validation_and_test(evaluations: list[Evaluation]) -> pd.DataFrame:
     table = pd.DataFrame(rows).T
     table.index.names = ["strategy", "split"]
     return table.unstack("split").swaplevel(axis=1).sort_index(axis=1, level=0)
+
+
+# The final models with their uncertainty: intervals, ROC curves, calibration (docs/method.md section 10)
+
+CI = "95 % CI"
+
+
+def metrics_table(evaluation: Evaluation) -> pd.DataFrame:
+    """The per-class table with each class's recall interval (`REC 95 % CI`) beside it."""
+    table = evaluation.metrics.copy()
+    recall = evaluation.intervals.loc[[bootstrap.recall_name(name) for name in evaluation.confusion.index]]
+    cells = [f"[{low:.3f}, {high:.3f}]" for low, high in zip(recall["low"], recall["high"])]
+    table.insert(table.columns.get_loc("REC") + 1, f"REC {CI}", [*cells, ""])
+    return table
+
+
+def score_intervals(evaluations: list[Evaluation]) -> pd.DataFrame:
+    """Every final model's accuracy, macro F1 and MCC with their intervals, one row per strategy, split and score."""
+    frames = [e.intervals.loc[list(bootstrap.SUMMARY_SCORES)].reset_index().assign(strategy=e.strategy, split=e.split)
+              for e in evaluations]
+    if not frames:
+        return pd.DataFrame(columns=["strategy", "split", "score", "estimate", "low", "high"])
+    return pd.concat(frames, ignore_index=True)[["strategy", "split", "score", "estimate", "low", "high"]]
+
+
+def strategy_comparison(evaluations: list[Evaluation], winner: str | None = None) -> pd.DataFrame:
+    """One row per final model: accuracy, macro F1 and MCC with 95 % intervals on each split (`val accuracy`, ...); the winner marked."""
+    rows: dict[str, dict[str, str]] = {}
+    for e in evaluations:
+        row = rows.setdefault(e.strategy, {"winner": "yes" if e.strategy == winner else ""})
+        for score in bootstrap.SUMMARY_SCORES:
+            row[f"{e.split} {score}"] = bootstrap.formatted(e.intervals.loc[score])
+    return pd.DataFrame.from_dict(rows, orient="index").rename_axis("strategy")
+
+
+def roc_curves(evaluation: Evaluation, points: int = 201) -> dict[str, tuple[np.ndarray, np.ndarray, float]] | None:
+    """One-vs-rest ROC curve (false and true positive rates) and AUC of each class, and their macro average.
+
+    A class that has no image in the split, or only images, has no curve. The macro
+    average's curve is the classes' true positive rates averaged on a common grid of false
+    positive rates; its AUC is the mean of the classes' AUCs (scikit-learn's macro
+    one-vs-rest AUC). None for predictions stored without probabilities.
+    """
+    from sklearn import metrics as skm
+
+    if evaluation.probabilities is None:
+        return None
+    curves = {}
+    for index, name in enumerate(evaluation.confusion.index):
+        positive = evaluation.true == index
+        if positive.all() or not positive.any():
+            continue
+        fpr, tpr, _ = skm.roc_curve(positive, evaluation.probabilities[:, index])
+        curves[name] = (fpr, tpr, float(skm.auc(fpr, tpr)))
+    if curves:
+        grid = np.linspace(0, 1, points)
+        mean_tpr = np.mean([np.interp(grid, fpr, tpr) for fpr, tpr, _ in curves.values()], axis=0)
+        curves["macro average"] = (grid, mean_tpr, float(np.mean([auc for _, _, auc in curves.values()])))
+    return curves
+
+
+def auc_table(evaluations: list[Evaluation]) -> pd.DataFrame:
+    """AUC per class and its macro average (rows) for each final model and split with probabilities (columns)."""
+    columns = {}
+    for e in evaluations:
+        curves = roc_curves(e)
+        if curves:
+            columns[e.name] = pd.Series({name: auc for name, (_, _, auc) in curves.items()})
+    if not columns:
+        return pd.DataFrame()
+    names = [*evaluations[0].confusion.index, "macro average"]
+    return pd.DataFrame(columns).reindex(names).rename_axis("class")
+
+
+def reliability(evaluation: Evaluation, bins: int = 10) -> pd.DataFrame | None:
+    """The reliability diagram's table: per confidence bin, its images, mean confidence and accuracy.
+
+    Confidence is the predicted class's probability; a calibrated model is right as often
+    as it is confident. None for predictions stored without probabilities.
+    """
+    if evaluation.probabilities is None:
+        return None
+    confidence = evaluation.probabilities.max(axis=1)
+    correct = evaluation.probabilities.argmax(axis=1) == evaluation.true
+    edges = np.linspace(0, 1, bins + 1)
+    frame = pd.DataFrame({"bin": np.clip(np.digitize(confidence, edges[1:-1]), 0, bins - 1),
+                          "confidence": confidence, "correct": correct})
+    table = frame.groupby("bin").agg(images=("correct", "size"), confidence=("confidence", "mean"),
+                                     accuracy=("correct", "mean"))
+    return table.assign(low=edges[table.index], high=edges[table.index + 1])[
+        ["low", "high", "images", "confidence", "accuracy"]].reset_index(drop=True)
+
+
+def expected_calibration_error(table: pd.DataFrame) -> float:
+    """The images' share-weighted mean gap between accuracy and confidence over the bins of `reliability`."""
+    return float((table["images"] * (table["accuracy"] - table["confidence"]).abs()).sum() / table["images"].sum())
+
+
+def calibration_table(evaluations: list[Evaluation]) -> pd.DataFrame:
+    """Per final model and split with probabilities: images, accuracy, mean confidence and expected calibration error."""
+    rows = {}
+    for e in evaluations:
+        table = reliability(e)
+        if table is not None:
+            rows[e.name] = {"images": int(table["images"].sum()),
+                            "accuracy": float((table["accuracy"] * table["images"]).sum() / table["images"].sum()),
+                            "mean confidence": float(e.probabilities.max(axis=1).mean()),
+                            "expected calibration error": expected_calibration_error(table)}
+    return pd.DataFrame.from_dict(rows, orient="index").rename_axis("final model")
+
+
+def explanation_sample(split: pd.DataFrame, per_class: int, seed: int = 0) -> pd.DataFrame:
+    """A fixed, seeded sample of `per_class` images of each class of a split's rows, ordered by class and path."""
+    sampled = [rows.sample(min(per_class, len(rows)), random_state=seed) for _, rows in split.groupby("label")]
+    return pd.concat(sampled).sort_values(["label", "path"]).reset_index(drop=True)

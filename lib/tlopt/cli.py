@@ -1,4 +1,5 @@
-"""`tlopt run` executes the notebook suite on a parameter file; `tlopt report` renders a run.
+"""`tlopt run` executes the notebook suite on a parameter file; `tlopt report` renders a run;
+`tlopt export` writes its model as one file and `tlopt predict` classifies new images with it.
 
 The notebooks are the program: `tlopt run` only decides which notebooks run,
 in what order and with which parameters, and executes them with papermill, in a kernel
@@ -151,6 +152,14 @@ class TrialPrinter(threading.Thread):
         self.print_new()
 
 
+# ipykernel copies what is written to the kernel's file descriptors 1 and 2 into the notebook;
+# TensorFlow's and absl's C++ start-up lines (written before absl logging is initialised, or on
+# GPU builds as errors that TF_CPP_MIN_LOG_LEVEL=2 lets through) would stand in red in the
+# executed notebooks and the report. Off, they go to the kernel's own stderr (silenced below);
+# what Python code prints, warnings included, still lands in the notebook.
+KERNEL_ARGUMENTS = ["--IPKernelApp.capture_fd_output=False"]
+
+
 def execute(source: Path, output: Path, parameters: dict) -> None:
     """Run one notebook with papermill; a failure becomes a one-line NotebookFailed."""
     import papermill
@@ -161,7 +170,7 @@ def execute(source: Path, output: Path, parameters: dict) -> None:
         with native_stderr_silenced():
             papermill.execute_notebook(
                 str(source), str(output), parameters=parameters, kernel_name=KERNEL_NAME,
-                cwd=str(source.parent), progress_bar=False,
+                cwd=str(source.parent), progress_bar=False, extra_arguments=KERNEL_ARGUMENTS,
             )
     except PapermillExecutionError as error:
         message = " ".join(str(error.evalue).split())
@@ -254,6 +263,27 @@ def report(args: argparse.Namespace) -> int:
     return 0
 
 
+def export(args: argparse.Namespace) -> int:
+    from tlopt.export import export_model
+
+    path = export_model(Path(args.run_dir).resolve(), args.strategy, args.output)
+    print(f"model: {path} ({path.stat().st_size / 2**20:.0f} MB)")
+    return 0
+
+
+def predict(args: argparse.Namespace) -> int:
+    from tlopt.predict import predict_images, write_predictions
+
+    predictions = predict_images(args.model, args.images, explain_dir=args.explain)
+    for path, reason in predictions.skipped.itertuples(index=False):
+        print(f"skipped {path}: {reason}", file=sys.stderr)
+    written = write_predictions(predictions, args.output)
+    skipped = f"; {len(predictions.skipped)} file(s) skipped" if len(predictions.skipped) else ""
+    explained = f"; explanation maps in {args.explain}" if args.explain else ""
+    print(f"{len(predictions.table)} image(s) predicted: {written}{skipped}{explained}")
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     main_parser = argparse.ArgumentParser(prog="tlopt", description=__doc__.splitlines()[0])
     commands = main_parser.add_subparsers(dest="command", required=True)
@@ -281,6 +311,31 @@ def parser() -> argparse.ArgumentParser:
     report_parser = commands.add_parser("report", help="render <run>/report.html from the executed notebooks")
     report_parser.add_argument("run_dir", help="the run folder")
     report_parser.set_defaults(handler=report)
+
+    export_parser = commands.add_parser(
+        "export", help="write a final model as one .keras file that loads without tlopt",
+        description="Write the run's winner (or a strategy's final model) as one .keras file: standard Keras "
+                    "layers only, with the class names, input size, setup, scores and parameters inside.",
+    )
+    export_parser.add_argument("run_dir", help="the run folder")
+    export_parser.add_argument("--strategy", help="a strategy's final model instead of the winner")
+    export_parser.add_argument("-o", "--output", metavar="FILE",
+                               help="the .keras file (default: <run>/model.keras, <run>/<strategy>/model.keras)")
+    export_parser.set_defaults(handler=export)
+
+    predict_parser = commands.add_parser(
+        "predict", help="classify images with an exported model",
+        description="Classify image files (JPEG, PNG, ...: files, folders searched recursively, CSV files with "
+                    "a 'path' column) with a model of `tlopt export`; one CSV row per image with every class's "
+                    "probability. Files that do not decode are listed and skipped.",
+    )
+    predict_parser.add_argument("model", help="the .keras file of `tlopt export`")
+    predict_parser.add_argument("images", nargs="+", help="image files, folders or CSV files with a 'path' column")
+    predict_parser.add_argument("-o", "--output", default="predictions.csv", metavar="FILE",
+                                help="the predictions (CSV; default: predictions.csv)")
+    predict_parser.add_argument("--explain", metavar="DIR",
+                                help="also write a Grad-CAM overlay of each image's predicted class to DIR")
+    predict_parser.set_defaults(handler=predict)
     return main_parser
 
 

@@ -352,6 +352,14 @@ def _load_image(path: tf.Tensor, image_size: int) -> tf.Tensor:
     return image
 
 
+def decode_image(path: str | os.PathLike, image_size: int) -> np.ndarray:
+    """One image file as (size, size, 3) uint8 pixels, decoded and resized exactly as training decodes it.
+
+    `tf.errors.OpError` (InvalidArgumentError, NotFoundError) when TensorFlow cannot decode the file.
+    """
+    return _load_image(tf.constant(os.fspath(path)), image_size).numpy()
+
+
 def files_key(paths: Sequence[str], *extra: object) -> str:
     """A short hash of the files (path, size, modification time, in order) and `extra` values.
 

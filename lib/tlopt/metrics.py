@@ -62,26 +62,29 @@ def per_class_metrics(
     # Shape (n_classes, 2, 2): [[TN, FP], [FN, TP]] per class.
     counts = skm.multilabel_confusion_matrix(y_true, y_pred, labels=labels).astype(float)
     tn, fp, fn, tp = counts[:, 0, 0], counts[:, 0, 1], counts[:, 1, 0], counts[:, 1, 1]
-
     frame = pd.DataFrame(
-        {
-            "FN": fn,
-            "FP": fp,
-            "TN": tn,
-            "TP": tp,
-            "F1": _safe_divide(2 * tp, 2 * tp + fp + fn),
-            "ACC": _safe_divide(tp + tn, tp + tn + fp + fn),
-            "MCC": _safe_divide(
-                tp * tn - fp * fn, np.sqrt((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn))
-            ),
-            "PREC": _safe_divide(tp, tp + fp),
-            "REC": _safe_divide(tp, tp + fn),
-            "SPEC": _safe_divide(tn, tn + fp),
-        },
+        {"FN": fn, "FP": fp, "TN": tn, "TP": tp, **class_ratios(tp, fp, fn, tn)},
         index=pd.Index(list(class_names), name="class"),
     )
     frame.loc[AVERAGE_ROW] = frame.mean(axis=0)
     return frame
+
+
+def class_ratios(tp: np.ndarray, fp: np.ndarray, fn: np.ndarray, tn: np.ndarray) -> dict[str, np.ndarray]:
+    """The one-vs-rest ratios (RATIO_COLUMNS) of counts of any shape, element-wise.
+
+    The per-class table and the bootstrap (`tlopt.bootstrap`, thousands of resampled
+    count arrays at once) share these formulas.
+    """
+    tp, fp, fn, tn = (np.asarray(count, dtype=float) for count in (tp, fp, fn, tn))
+    return {
+        "F1": _safe_divide(2 * tp, 2 * tp + fp + fn),
+        "ACC": _safe_divide(tp + tn, tp + tn + fp + fn),
+        "MCC": _safe_divide(tp * tn - fp * fn, np.sqrt((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn))),
+        "PREC": _safe_divide(tp, tp + fp),
+        "REC": _safe_divide(tp, tp + fn),
+        "SPEC": _safe_divide(tn, tn + fp),
+    }
 
 
 def confusion_matrix(

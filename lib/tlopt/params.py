@@ -118,6 +118,14 @@ class LayerOptimization(_Section):
     delimiting: Literal["index", "fraction"] = "index"
 
 
+class Final(_Section):
+    """The end of a run: the final models' intervals and explanation maps, the winner's repeats (docs/method.md section 10)."""
+
+    bootstrap_samples: int = Field(1000, ge=100)
+    explain_images: int = Field(2, ge=0)
+    repeats: int = Field(0, ge=0)
+
+
 class Experiment(_Section):
     """A whole parameter file, validated, every default filled and every path absolute."""
 
@@ -134,6 +142,7 @@ class Experiment(_Section):
     bo: BayesianOptimization = BayesianOptimization()
     strategies: list[str] = Field(default_factory=lambda: list(THESIS_STRATEGIES), min_length=1)
     layer_optimization: LayerOptimization = LayerOptimization()
+    final: Final = Final()
 
     @field_validator("backbones")
     @classmethod

@@ -241,3 +241,80 @@ def time_figure(time_table: pd.DataFrame) -> Figure:
     axis.set(title="Training time per strategy", xlabel="minutes", ylabel="")
     axis.grid(True, axis="x", alpha=0.3)
     return figure
+
+
+def roc_figure(curves: dict[str, tuple[np.ndarray, np.ndarray, float]], title: str) -> Figure:
+    """One-vs-rest ROC curves of each class and their macro average (from `analysis.roc_curves`), AUC in the legend."""
+    figure = Figure(figsize=(5.5, 5), layout="constrained")
+    axis = figure.subplots()
+    for name, (fpr, tpr, auc) in curves.items():
+        style = {"color": "black", "linestyle": "--", "linewidth": 2} if name == "macro average" else {}
+        axis.plot(fpr, tpr, label=f"{name} (AUC {auc:.3f})", **style)
+    axis.plot([0, 1], [0, 1], color="tab:gray", linewidth=0.8, linestyle=":")
+    axis.set(title=title, xlabel="false positive rate", ylabel="true positive rate", xlim=(0, 1), ylim=(0, 1.02))
+    axis.legend(fontsize="small", loc="lower right")
+    axis.grid(True, alpha=0.3)
+    return figure
+
+
+def reliability_figure(table: pd.DataFrame, title: str, error: float) -> Figure:
+    """The reliability diagram (from `analysis.reliability`): accuracy against confidence per bin, images per bin below."""
+    figure = Figure(figsize=(5.5, 6), layout="constrained")
+    top, bottom = figure.subplots(2, 1, sharex=True, height_ratios=[3, 1])
+    widths = table["high"] - table["low"]
+    top.bar(table["low"], table["accuracy"], width=widths, align="edge", edgecolor="black", alpha=0.7,
+            label="accuracy")
+    top.plot(table["confidence"], table["accuracy"], "o", color="tab:red", label="mean confidence of the bin")
+    top.plot([0, 1], [0, 1], color="tab:gray", linestyle="--", label="calibrated")
+    top.set(title=f"{title}: expected calibration error {error:.3f}", ylabel="accuracy", xlim=(0, 1), ylim=(0, 1.02))
+    top.legend(fontsize="small", loc="upper left")
+    bottom.bar(table["low"], table["images"], width=widths, align="edge", color="tab:gray")
+    bottom.set(xlabel="confidence (probability of the predicted class)", ylabel="images")
+    for axis in (top, bottom):
+        axis.grid(True, alpha=0.3)
+    return figure
+
+
+def explanation_figure(explained, title: str) -> Figure:
+    """Each image beside its Grad-CAM overlay (an `explain.Explanations`), titled with the true and predicted class."""
+    from tlopt.explain import overlay
+
+    count = len(explained.paths)
+    columns = min(count, 4)
+    rows = -(-count // columns)
+    figure = Figure(figsize=(3.2 * columns, 1.9 * rows + 0.6), layout="constrained")
+    axes = figure.subplots(rows, 2 * columns, squeeze=False).reshape(rows, columns, 2)
+    for index, (image, cam, probabilities) in enumerate(zip(explained.images, explained.maps,
+                                                            explained.probabilities)):
+        plain, mapped = axes[index // columns, index % columns]
+        predicted = int(np.argmax(probabilities))
+        plain.imshow(image)
+        mapped.imshow(overlay(image, cam))
+        truth = f"true {explained.true[index]}\n" if explained.true is not None else ""
+        plain.set_title(f"{truth}", fontsize="small")
+        mapped.set_title(f"predicted {explained.class_names[predicted]} {probabilities[predicted]:.2f}",
+                         fontsize="small")
+    for axis in axes.reshape(-1):
+        axis.set_xticks([])
+        axis.set_yticks([])
+    for index in range(count, rows * columns):
+        for axis in axes[index // columns, index % columns]:
+            axis.set_axis_off()
+    figure.suptitle(title)
+    return figure
+
+
+def repeats_figure(table: pd.DataFrame, finals: dict[str, float]) -> Figure:
+    """The winner's validation accuracy over its repeats (points) against each strategy's final model (lines)."""
+    figure = Figure(figsize=(8, 3.2), layout="constrained")
+    axis = figure.subplots()
+    accuracy = table["val_accuracy"].astype(float)
+    axis.plot(accuracy.to_numpy(), np.zeros(len(accuracy)), "o", color="black", alpha=0.6,
+              label="the winner's setup, other seeds")
+    for index, (strategy, value) in enumerate(finals.items()):
+        axis.axvline(value, color=_colour(strategy, index), linewidth=2, label=f"{strategy}'s final model")
+    axis.set(title="Training noise: the winner retrained with other seeds", xlabel="validation accuracy",
+             yticks=[])
+    axis.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1))
+    axis.grid(True, axis="x", alpha=0.3)
+    return figure

@@ -1,4 +1,4 @@
-"""The experiment report: the executed notebooks of a run as one self-contained HTML page.
+"""The experiment report: the run's summary, then its executed notebooks, as one self-contained HTML page.
 
 nbconvert's `lab` template renders the page; a small template on top of it hides each
 cell's code in a collapsed <details> element (the reader opens it with a click, no
@@ -19,6 +19,7 @@ from nbconvert import HTMLExporter
 from tlopt.errors import TloptError
 from tlopt.files import atomic_write_text
 from tlopt.store import RunFolder
+from tlopt.summary import summary_markdown
 
 _TEMPLATE = """\
 {%- extends 'lab/index.html.j2' -%}
@@ -63,7 +64,8 @@ def _label(path: Path, notebook: nbformat.NotebookNode) -> str:
 
 
 def merged_notebook(run: RunFolder) -> nbformat.NotebookNode:
-    """One notebook holding a table of contents and every executed notebook, each under an anchor."""
+    """One notebook holding the run's summary (`tlopt.summary`), a table of contents and every executed notebook,
+    each under an anchor."""
     run = RunFolder(run)
     paths = executed_notebooks(run)
     if not paths:
@@ -71,9 +73,10 @@ def merged_notebook(run: RunFolder) -> nbformat.NotebookNode:
     notebooks = [nbformat.read(path, as_version=4) for path in paths]
     contents = [f"- [{_label(path, nb)}](#{path.stem})" for path, nb in zip(paths, notebooks)]
     merged = nbformat.v4.new_notebook(metadata={"title": f"tlopt report: {run.name}"})
-    merged.cells.append(nbformat.v4.new_markdown_cell(
-        f"# Experiment report: {run.name}\n\nRun folder: `{run}`\n\n" + "\n".join(contents)
-    ))
+    merged.cells.append(nbformat.v4.new_markdown_cell(f"# Experiment report: {run.name}\n\nRun folder: `{run}`"))
+    if run.params_file.is_file():
+        merged.cells.append(nbformat.v4.new_markdown_cell(summary_markdown(run)))
+    merged.cells.append(nbformat.v4.new_markdown_cell("## The notebooks\n\n" + "\n".join(contents)))
     for path, notebook in zip(paths, notebooks):
         merged.cells.append(nbformat.v4.new_markdown_cell(f'<a id="{path.stem}"></a>\n\n---\n\n`{path.name}`'))
         for index, cell in enumerate(notebook.cells):

@@ -3,9 +3,13 @@
 ```
 <results_dir>/<run>/
   params.yaml  environment.json  split.csv  split_summary.json  trials.jsonl  report.html
+  best.json             the winner: the best final model across strategies
+  repeats.jsonl         the winner's setup retrained with other seeds (final.repeats)
+  model.keras           the winner exported (`tlopt export`); <strategy>/model.keras a strategy's
   <strategy>/best.json  <strategy>/predictions-<split>.json
   <strategy>/<step>/    GPyOpt's files, figures, status.json
   runs/<trial>/         <phase>/history.csv, <phase>/best.weights.h5, tensorboard/<phase>/
+  tables/ figures/      notebook 05's tables (CSV, LaTeX) and figures (PNG, SVG), for a paper
   cache/                decoded images and pooled features shared by the trials
   notebooks/            the executed notebooks
 ```
@@ -196,6 +200,13 @@ class RunFolder:
         """The resolved parameters the run started with, as written."""
         return yaml.safe_load(self.params_file.read_text())
 
+    def read_config(self) -> Experiment:
+        """The run's parameters, validated (a key added since the run started has its default); ConfigError
+        when the folder is not a run's."""
+        if not self.params_file.is_file():
+            raise ConfigError(f"{self} is not a run folder (no {self.PARAMS})")
+        return validate(self.read_params(), source=str(self.params_file))
+
     def environment(self) -> dict[str, str]:
         return read_json(self.environment_file)
 
@@ -225,6 +236,40 @@ class RunFolder:
 
     def predictions_file(self, label: str, split: str) -> Path:
         return self.path / label / f"predictions-{split}.json"
+
+    # The end of the run: its winner, the winner's repeats, exported models, tables and figures
+    @property
+    def winner_file(self) -> Path:
+        """`best.json` at the root: the final model the run names, the best across strategies."""
+        return self.path / self.BEST
+
+    def read_winner(self) -> dict:
+        return read_json(self.winner_file)
+
+    @property
+    def repeats(self) -> TrialStore:
+        """The winner's setup trained again with other seeds (`final.repeats`), one trial a line."""
+        return TrialStore(self.path / "repeats.jsonl")
+
+    def model_file(self, label: str | None = None) -> Path:
+        """Where `tlopt export` writes: the winner's model at the root, a strategy's in its folder."""
+        return (self.path if label is None else self.strategy_dir(label)) / "model.keras"
+
+    @property
+    def tables_dir(self) -> Path:
+        return self.path / "tables"
+
+    def table_file(self, name: str, suffix: str) -> Path:
+        """A table of notebook 05 as `csv` or `tex`."""
+        return self.tables_dir / f"{name}.{suffix}"
+
+    @property
+    def figures_dir(self) -> Path:
+        return self.path / "figures"
+
+    def figure_file(self, name: str, suffix: str) -> Path:
+        """A figure of notebook 05 as `png` or `svg`."""
+        return self.figures_dir / f"{name}.{suffix}"
 
     # Per trial
     def trial(self, trial_id: str) -> TrialFolder:

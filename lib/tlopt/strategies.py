@@ -206,8 +206,12 @@ def _train(ctx: Context, phase: str, folder: TrialFolder, setup: dict) -> Any:
                                  setup["delimiting_layer"], setup["block_weights"], **common)
 
 
-def _block_and_finetune(ctx: Context, folder: TrialFolder, setup: dict) -> Outcome:
-    """Train the classification block, then fine-tune from its best weights; fine-tuning is scored."""
+def train_setup(ctx: Context, folder: TrialFolder, setup: dict) -> Outcome:
+    """Train the classification block, then fine-tune from its best weights; fine-tuning is scored.
+
+    `setup` names the backbone, both phases' optimizer and rate and the delimiting layer
+    (a trial's setup; the winner's repeats train it again with other seeds).
+    """
     block = _train(ctx, "block", folder, setup)
     return _finetune(ctx, folder, {**setup, "block_weights": block.weights_path}, {"block": block})
 
@@ -237,7 +241,7 @@ def shared(ctx: Context, basis: Basis = None) -> Objective:
 
     def objective(hp: dict, folder: TrialFolder) -> Outcome:
         setup = {**_one_optimizer(hp), "delimiting_layer": default_layer(ctx.config, hp["backbone"])}
-        return _block_and_finetune(ctx, folder, setup)
+        return train_setup(ctx, folder, setup)
 
     return objective
 
@@ -248,7 +252,7 @@ def separate_hyperparameters(ctx: Context, basis: Basis = None) -> Objective:
     def objective(hp: dict, folder: TrialFolder) -> Outcome:
         setup = {key: hp[key] for key in _TWO_OPTIMIZER_KEYS}
         setup["delimiting_layer"] = default_layer(ctx.config, hp["backbone"])
-        return _block_and_finetune(ctx, folder, setup)
+        return train_setup(ctx, folder, setup)
 
     return objective
 
@@ -285,7 +289,7 @@ def joint(ctx: Context, basis: Basis = None) -> Objective:
     def objective(hp: dict, folder: TrialFolder) -> Outcome:
         setup = {**_one_optimizer(hp), "delimiting_fraction": hp["delimiting_fraction"],
                  "delimiting_layer": layer_from_fraction(hp["backbone"], hp["delimiting_fraction"])}
-        return _block_and_finetune(ctx, folder, setup)
+        return train_setup(ctx, folder, setup)
 
     return objective
 

@@ -302,10 +302,10 @@ def _head_on_cached_features(
     )
 
 
-def _load_model(
+def load_trained_model(
     backbone: str, weights_path: str | os.PathLike, num_classes: int, config: Experiment
 ) -> tuple[keras.Model, keras.Model]:
-    """The transfer model with a fine-tuned run's saved weights (random initialisation first: they replace it)."""
+    """(model, base): the transfer model with a fine-tuned run's saved weights (random initialisation first: they replace it)."""
     if not Path(weights_path).is_file():
         raise TrainingError(f"weights file not found: {weights_path}")
     model, base = _build(backbone, num_classes, config, None)
@@ -355,13 +355,13 @@ def predict(
     class_names: list[str],
     config: Experiment,
 ) -> np.ndarray:
-    """Predicted class indices for every row of `frame`, in its order (no augmentation).
+    """Every class's probability for every row of `frame`, in its order: (rows, classes) float32 (no augmentation).
 
     The images are decoded on the fly: one pass, and `frame` is often one split only,
     whose images the manifest's image cache holds among others.
     """
     with _run_scope(config):
-        model, _ = _load_model(backbone, weights_path, len(class_names), config)
+        model, _ = load_trained_model(backbone, weights_path, len(class_names), config)
         images = data.make_dataset(frame, class_names, config.data.image_size, config.data.batch_size, False,
                                    config.seed)
-        return np.argmax(model.predict(images, verbose=0), axis=1)
+        return model.predict(images, verbose=0)
