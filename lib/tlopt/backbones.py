@@ -35,12 +35,18 @@ _APPS = keras.applications
 
 @dataclass(frozen=True)
 class Backbone:
-    """One backbone: how to build it, how to preprocess its input, its smallest input size."""
+    """One backbone: how to build it, how to preprocess its input, its smallest input size.
+
+    `noisy_when_frozen`: it has layers that draw noise whenever the model trains, frozen
+    or not (EfficientNet's Dropout: Keras ignores `trainable` for Dropout), so no cache of
+    its frozen outputs stands in for them (`tlopt.features`, `tlopt.activations`).
+    """
 
     name: str
     constructor: Callable[..., keras.Model]
     preprocess_input: Callable
     min_input_size: int
+    noisy_when_frozen: bool = False
 
 
 class Preprocessing(keras.layers.Layer):
@@ -66,8 +72,11 @@ class Preprocessing(keras.layers.Layer):
         return {**super().get_config(), "backbone": self.backbone}
 
 
-def _backbone(name: str, module, min_input_size: int = 32, constructor: Callable | None = None) -> Backbone:
-    return Backbone(name, constructor or getattr(_APPS, name), module.preprocess_input, min_input_size)
+def _backbone(
+    name: str, module, min_input_size: int = 32, constructor: Callable | None = None, noisy_when_frozen: bool = False
+) -> Backbone:
+    return Backbone(name, constructor or getattr(_APPS, name), module.preprocess_input, min_input_size,
+                    noisy_when_frozen)
 
 
 # Minimum sizes are Keras's own checks (measured: 71 for Xception, 75 for the Inception
@@ -107,7 +116,7 @@ BACKBONES: dict[str, Backbone] = {
             _APPS.mobilenet_v3,
             constructor=functools.partial(_APPS.MobileNetV3Small, minimalistic=True),
         ),
-        _backbone("EfficientNetB0", _APPS.efficientnet),
+        _backbone("EfficientNetB0", _APPS.efficientnet, noisy_when_frozen=True),
     )
 }
 

@@ -38,7 +38,7 @@ ALL_FLIPS: tuple[int, ...] = tuple(range(len(data.FLIP_VARIANTS)))
 NO_FLIP: tuple[int, ...] = (0,)
 
 
-def _weights_identity(weights: str | os.PathLike | None, seed: int) -> str:
+def weights_identity(weights: str | os.PathLike | None, seed: int) -> str:
     """What determines the backbone's weights: the seed (random), "imagenet", or the weights file."""
     if weights is None:
         return f"random-seed-{seed}"
@@ -54,7 +54,7 @@ def features_path(
     key = data.files_key(
         list(rows["path"]),
         backbone,
-        _weights_identity(config.weights, config.seed),
+        weights_identity(config.weights, config.seed),
         config.data.image_size,
         config.pooling,
         keras.mixed_precision.global_policy().name,
@@ -100,7 +100,7 @@ def pooled_features(
 
 def initial_head_path(backbone: str, num_classes: int, config: Experiment, cache_dir: str | os.PathLike) -> Path:
     """Where the Dense layer's initial weights, as every new transfer model of `backbone` has them, are kept."""
-    key = data.files_key([], backbone, _weights_identity(config.weights, config.seed), num_classes, config.pooling)
+    key = data.files_key([], backbone, weights_identity(config.weights, config.seed), num_classes, config.pooling)
     return Path(cache_dir) / f"head-{backbone}-{key}.npz"
 
 

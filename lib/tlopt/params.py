@@ -93,6 +93,8 @@ class Training(_Section):
     nonconvergence: Nonconvergence = Nonconvergence()
     default_delimiting_fraction: float = Field(2 / 3, ge=0, le=1)
     feature_cache: bool = True
+    activation_cache: bool = True
+    activation_cache_max_gb: float = Field(10.0, ge=0)
     mixed_precision: bool = False
     jit_compile: bool = False
 

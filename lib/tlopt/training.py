@@ -35,8 +35,8 @@ import numpy as np
 import pandas as pd
 import tensorflow as tf
 
-from tlopt import data, features
-from tlopt.backbones import build_transfer_model, set_delimiting_layer
+from tlopt import activations, data, features
+from tlopt.backbones import build_transfer_model, get_backbone, set_delimiting_layer
 from tlopt.callbacks import NonconvergenceFiltering, run_callbacks
 from tlopt.errors import ConfigError, DataError, TrainingError
 from tlopt.params import THESIS_OPTIMIZERS, Experiment
@@ -254,7 +254,7 @@ def train_block(
     folder = TrialFolder(folder)
     with _run_scope(config):
         started = time.perf_counter()
-        if config.training.feature_cache and cache_dir is not None:
+        if config.training.feature_cache and cache_dir is not None and _features_cacheable(backbone):
             model, datasets = _head_on_cached_features(backbone, frame, class_names, config, cache_dir)
             checkpointed = None  # the head is the Dense layer alone
         else:
@@ -265,6 +265,21 @@ def train_block(
             "block", model, optimizer, learning_rate, config.training.block_epochs, datasets, folder, config, started,
             observers, checkpointed,
         )
+
+
+def _features_cacheable(backbone: str) -> bool:
+    """False, with one line that says why, for a backbone whose frozen layers draw noise in training.
+
+    `Model.fit` runs such a layer (EfficientNet's Dropout) in training mode, frozen or not,
+    so no cache of what the frozen layers compute gives the on-the-fly run's values.
+    """
+    if not get_backbone(backbone).noisy_when_frozen:
+        return True
+    warnings.warn(
+        f"the classification block trains on the fly, without the feature cache: {backbone}'s frozen layers "
+        f"include Dropout, which draws new noise at every training step", RuntimeWarning,
+    )
+    return False
 
 
 def _head_on_cached_features(
@@ -340,12 +355,46 @@ def fine_tune(
         started = time.perf_counter()
         model, base = _build(backbone, len(class_names), config, config.weights)
         features.head_of(model).load_weights(block_weights)
-        datasets = _datasets(frame, class_names, config, cache_dir)
-        set_delimiting_layer(base, delimiting_layer)
+        if config.training.activation_cache and cache_dir is not None:
+            trained, datasets = _upper_on_cached_activations(
+                model, base, backbone, delimiting_layer, frame, class_names, config, cache_dir
+            )
+        else:
+            trained, datasets = model, _datasets(frame, class_names, config, cache_dir)
+            set_delimiting_layer(base, delimiting_layer)
         return _fit(
-            "finetune", model, optimizer, learning_rate, config.training.finetune_epochs, datasets, folder, config,
-            started, observers,
+            "finetune", trained, optimizer, learning_rate, config.training.finetune_epochs, datasets, folder, config,
+            started, observers, checkpointed=model,
         )
+
+
+def _upper_on_cached_activations(
+    model: keras.Model,
+    base: keras.Model,
+    backbone: str,
+    delimiting_layer: int,
+    frame: pd.DataFrame,
+    class_names: list[str],
+    config: Experiment,
+    cache_dir: str | os.PathLike,
+) -> tuple[keras.Model, tuple[tf.data.Dataset, tf.data.Dataset]]:
+    """The model to fit and its pipelines: the trainable part on cached activations, or the whole model on the fly.
+
+    On the fly, with one line that says why, when the cut cannot be cached
+    (`activations.unusable`: nothing frozen, frozen layers that draw noise, a cache above
+    `training.activation_cache_max_gb`).
+    """
+    set_delimiting_layer(base, delimiting_layer)
+    cut = activations.find_cut(base, delimiting_layer)
+    train_rows, val_rows = _rows(frame, "train"), _rows(frame, "val")
+    reason = activations.unusable(backbone, cut, len(train_rows), len(val_rows), config)
+    cache = _image_cache(frame, config, cache_dir)
+    if reason is not None:
+        warnings.warn(f"fine-tuning runs on the fly, without the activation cache: {reason}", RuntimeWarning)
+        return model, _datasets(frame, class_names, config, cache_dir)
+    return activations.fine_tuning_datasets(
+        model, base, cut, backbone, train_rows, val_rows, class_names, config, cache_dir, cache
+    )
 
 
 def predict(

@@ -1,0 +1,290 @@
+"""The activation cache: the tensors that cross the cut, the upper model on them, and fine-tuning
+from cached activations giving the on-the-fly run bit for bit (docs/method.md, "The activation cache").
+
+Backbones with random weights at 32 px. Bit-equality holds where a CPU convolution gives an
+image's values independently of the batch it is in (measured: VGG16, ResNet50 and DenseNet121
+at 32 px with batches of 16); the tests use those configurations.
+"""
+
+import threading
+import time
+
+import keras
+import numpy as np
+import pandas as pd
+import pytest
+
+from conftest import experiment
+from tlopt import activations, data, features, training
+from tlopt.backbones import BACKBONES, build_transfer_model, default_delimiting_layer, set_delimiting_layer
+from tlopt.params import validate
+from tlopt.errors import ConfigError
+
+SIZE = 32
+SETTINGS = experiment({
+    "data.image_size": SIZE, "data.batch_size": 16, "training.block_epochs": 1, "training.finetune_epochs": 2,
+    "training.early_stopping_patience": 5, "training.nonconvergence.enabled": False, "weights": None,
+})
+
+
+@pytest.fixture(scope="module")
+def manifest(demo_root):
+    frame = data.split(data.discover(demo_root), val_fraction=0.3, seed=0)
+    return frame, data.class_names(frame)
+
+
+def _model(backbone: str, index: int, size: int = SIZE) -> tuple[keras.Model, keras.Model, activations.Cut]:
+    keras.utils.set_random_seed(0)
+    model, base = build_transfer_model(backbone, 4, size, None)
+    set_delimiting_layer(base, index)
+    return model, base, activations.find_cut(base, index)
+
+
+def _index(base: keras.Model, name: str) -> int:
+    return [layer.name for layer in base.layers].index(name)
+
+
+def _producers(cut: activations.Cut) -> list[str]:
+    return [tensor._keras_history[0].name for tensor in cut.crossing]
+
+
+def _upper_of_lower_is_the_model(model: keras.Model, base: keras.Model, cut: activations.Cut, size: int) -> None:
+    """upper(pack(lower(x))) gives the transfer model's output bit for bit, in inference and in training mode."""
+    images = np.random.default_rng(0).integers(0, 256, (4, size, size, 3)).astype("uint8")
+    crossing = keras.tree.flatten(activations.lower_model(model, base, cut)(images, training=False))
+    packed = np.concatenate([np.asarray(tensor).reshape(len(images), -1) for tensor in crossing], axis=1)
+    assert packed.shape[1] == cut.values_per_image
+    upper = activations.upper_model(model, base, cut)
+    assert [w.path for w in upper.trainable_weights] == [w.path for w in model.trainable_weights]
+    for mode in (False, True):
+        np.testing.assert_array_equal(np.asarray(upper(packed, training=mode)), np.asarray(model(images, training=mode)))
+
+
+# The cut
+
+
+@pytest.mark.parametrize(("layer", "crossing"), [
+    ("conv4_block4_2_conv", ["conv4_block3_out", "conv4_block4_1_relu"]),  # inside a block: the shortcut crosses
+    ("conv4_block1_0_conv", ["conv3_block4_out", "conv4_block1_2_relu"]),  # the projection, two spatial sizes
+    ("conv3_block2_add", ["conv3_block1_out", "conv3_block2_3_bn"]),  # a tensor frozen layers read too
+])
+def test_a_cut_in_a_residual_block_hands_over_the_shortcut(layer, crossing):
+    model, base, _ = _model("ResNet50", 0)
+    index = _index(base, layer)
+    set_delimiting_layer(base, index)
+    cut = activations.find_cut(base, index)
+    assert _producers(cut) == crossing
+    _upper_of_lower_is_the_model(model, base, cut, SIZE)
+    keras.backend.clear_session()
+
+
+@pytest.mark.parametrize(("layer", "crossing"), [
+    ("conv3_block4_1_conv", ["conv3_block3_concat", "conv3_block4_0_relu"]),  # the concatenation so far crosses
+    ("conv3_block4_concat", ["conv3_block3_concat", "conv3_block4_2_conv"]),
+])
+def test_a_cut_in_a_dense_block_hands_over_the_concatenation(layer, crossing):
+    model, base, _ = _model("DenseNet121", 0)
+    index = _index(base, layer)
+    set_delimiting_layer(base, index)
+    cut = activations.find_cut(base, index)
+    assert _producers(cut) == crossing
+    _upper_of_lower_is_the_model(model, base, cut, SIZE)
+    keras.backend.clear_session()
+
+
+def test_a_chain_hands_over_one_tensor_and_everything_frozen_the_backbone_output():
+    model, base, cut = _model("VGG16", 12)
+    assert _producers(cut) == ["block4_conv1"] and cut.shapes == [(4, 4, 512)]
+    last = len(base.layers)
+    set_delimiting_layer(base, last)
+    whole = activations.find_cut(base, last)
+    assert len(whole.crossing) == 1 and whole.crossing[0] is base.output
+    _upper_of_lower_is_the_model(model, base, whole, SIZE)
+    keras.backend.clear_session()
+
+
+SLOW_TO_BUILD = {"Xception", "InceptionV3", "InceptionResNetV2", "DenseNet169", "DenseNet201", "ResNet50V2",
+                 "MobileNetV3Large", "EfficientNetB0", "VGG19"}
+
+
+@pytest.mark.parametrize("backbone", [
+    pytest.param(name, marks=pytest.mark.slow) if name in SLOW_TO_BUILD else name for name in BACKBONES
+])
+def test_every_backbone_splits_into_lower_and_upper_models_at_its_default_cut(backbone):
+    size = BACKBONES[backbone].min_input_size
+    model, base, _ = _model(backbone, 0, size)
+    index = default_delimiting_layer(len(base.layers))
+    set_delimiting_layer(base, index)
+    cut = activations.find_cut(base, index)
+    _upper_of_lower_is_the_model(model, base, cut, size)
+    noisy = [layer.name for layer in base.layers if isinstance(layer, activations.STOCHASTIC_LAYERS)]
+    assert BACKBONES[backbone].noisy_when_frozen == bool(noisy)
+    # Dropout below the cut makes it uncacheable (EfficientNet's first is its 45th layer).
+    assert list(cut.stochastic_below) == [name for name in noisy if _index(base, name) < index]
+    keras.backend.clear_session()
+
+
+def test_frozen_noise_nothing_frozen_and_the_size_guard_each_say_why_the_cache_is_unusable():
+    model, base, cut = _model("VGG16", 12)
+    assert activations.unusable("VGG16", cut, 84, 36, SETTINGS) is None
+    # 4 variants x 84 + 36 images x 8,192 float32 values
+    assert activations.cache_gigabytes(cut, 84, 36) == pytest.approx(372 * 8192 * 4 / 1e9)
+    small = SETTINGS.updated({"training.activation_cache_max_gb": 0.01})
+    assert activations.unusable("VGG16", cut, 84, 36, small) == (
+        "the cache of VGG16 at delimiting layer 12 would hold 0.0122 GB, above training.activation_cache_max_gb = 0.01"
+    )
+    set_delimiting_layer(base, 1)
+    assert "nothing is frozen" in activations.unusable("VGG16", activations.find_cut(base, 1), 84, 36, SETTINGS)
+    noisy = activations.Cut(50, cut.crossing, cut.upper_nodes, ("block2b_drop",))
+    assert "block2b_drop, which draws new noise" in activations.unusable("EfficientNetB0", noisy, 84, 36, SETTINGS)
+    keras.backend.clear_session()
+    with pytest.raises(ConfigError, match="activation_cache_max_gb"):
+        validate({"data": {"root": "x"}, "training": {"activation_cache_max_gb": -1}})
+
+
+def test_the_feature_cache_is_not_used_for_a_backbone_whose_frozen_layers_draw_noise():
+    with pytest.warns(RuntimeWarning, match="EfficientNetB0's frozen layers include Dropout"):
+        assert not training._features_cacheable("EfficientNetB0")
+    assert training._features_cacheable("VGG16")
+
+
+# Fine-tuning on cached activations: the on-the-fly run, bit for bit
+
+
+def _checkpoint(backbone: str, result: training.RunResult, names: list[str]) -> list[np.ndarray]:
+    model, _ = training.load_trained_model(backbone, result.weights_path, len(names), SETTINGS)
+    weights = [weight.copy() for weight in model.get_weights()]
+    keras.backend.clear_session()
+    return weights
+
+
+def _fine_tune_both_ways(manifest, folder, backbone: str, index: int, **changes):
+    """The block once, then fine-tuning on the fly and from the activation cache (the image cache in both)."""
+    frame, names = manifest
+    cache = folder / "cache"
+    block = training.train_block(backbone, "Adam", 0.01, frame, names, folder / "block", SETTINGS, cache)
+    runs = {}
+    for cached in (False, True):
+        config = SETTINGS.updated({"training.activation_cache": cached, **changes})
+        runs[cached] = training.fine_tune(backbone, "Adam", 1e-3, index, block.weights_path, frame, names,
+                                          folder / f"finetune-{cached}", config, cache)
+    return block, runs[False], runs[True]
+
+
+def _assert_same_run(on_the_fly, cached, backbone, names):
+    assert cached.history == on_the_fly.history
+    assert (cached.epochs, cached.best_epoch, cached.stopped_by) == (on_the_fly.epochs, on_the_fly.best_epoch,
+                                                                     on_the_fly.stopped_by)
+    for a, b in zip(_checkpoint(backbone, on_the_fly, names), _checkpoint(backbone, cached, names)):
+        np.testing.assert_array_equal(a, b)
+    history = [pd.read_csv(run.weights_path.replace("best.weights.h5", "history.csv")) for run in (on_the_fly, cached)]
+    pd.testing.assert_frame_equal(*history)
+
+
+@pytest.fixture(scope="module")
+def vgg_runs(manifest, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("vgg")
+    counted = []
+    original = activations.extract
+
+    def counting(*args, **kwargs):
+        counted.append(args[2] if len(args) > 2 else None)
+        return original(*args, **kwargs)
+
+    activations.extract = counting
+    try:
+        block, on_the_fly, cached = _fine_tune_both_ways(manifest, folder, "VGG16", 12)
+    finally:
+        activations.extract = original
+    return {"block": block, "on_the_fly": on_the_fly, "cached": cached, "folder": folder, "extractions": len(counted)}
+
+
+def test_fine_tuning_on_cached_activations_is_the_on_the_fly_run(vgg_runs, manifest):
+    _assert_same_run(vgg_runs["on_the_fly"], vgg_runs["cached"], "VGG16", manifest[1])
+    assert vgg_runs["extractions"] == 2  # the training rows' four flips, the validation rows
+
+
+def _activation_files(folder) -> dict[str, int]:
+    return {path.name: path.stat().st_mtime_ns for path in (folder / "cache").glob("activations-*.npy")}
+
+
+def test_trials_of_one_delimiting_layer_share_the_cache_and_another_layer_builds_its_own(
+    vgg_runs, manifest, monkeypatch, tmp_path
+):
+    frame, names = manifest
+    folder = vgg_runs["folder"]
+    files = _activation_files(folder)
+    assert len(files) == 2 and all(name.startswith("activations-VGG16-12-") for name in files)
+    extractions = []
+    original = activations.extract
+    monkeypatch.setattr(activations, "extract", lambda *args, **kwargs: extractions.append(1) or original(*args, **kwargs))
+    one_epoch = SETTINGS.updated({"training.finetune_epochs": 1})
+    other = training.fine_tune("VGG16", "SGD", 0.01, 12, vgg_runs["block"].weights_path, frame, names,
+                               tmp_path / "same-layer", one_epoch, folder / "cache")
+    assert extractions == [] and _activation_files(folder) == files  # model optimization: the same cut, no extraction
+    assert other.history[0] != vgg_runs["cached"].history[0]
+    training.fine_tune("VGG16", "SGD", 0.01, 15, vgg_runs["block"].weights_path, frame, names,
+                       tmp_path / "other-layer", one_epoch, folder / "cache")
+    assert len(extractions) == 2  # layer optimization: another cut, its own cache
+    assert sorted(name.split("-")[2] for name in _activation_files(folder)) == ["12", "12", "15", "15"]
+
+
+def test_above_the_size_limit_fine_tuning_runs_on_the_fly_with_one_line(vgg_runs, manifest, tmp_path):
+    frame, names = manifest
+    config = SETTINGS.updated({"training.activation_cache_max_gb": 0.001})
+    with pytest.warns(RuntimeWarning) as warned:
+        result = training.fine_tune("VGG16", "Adam", 1e-3, 12, vgg_runs["block"].weights_path, frame, names,
+                                    tmp_path / "run", config, tmp_path / "cache")
+    lines = [str(w.message) for w in warned if "activation cache" in str(w.message)]
+    assert lines == [
+        "fine-tuning runs on the fly, without the activation cache: the cache of VGG16 at delimiting layer 12 "
+        "would hold 0.0122 GB, above training.activation_cache_max_gb = 0.001"
+    ]
+    assert not list((tmp_path / "cache").glob("activations-*"))
+    assert result.history == vgg_runs["on_the_fly"].history
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("backbone", "layer"), [
+    ("ResNet50", "conv4_block4_2_conv"),  # inside a residual block
+    ("DenseNet121", "conv3_block4_1_conv"),  # inside a dense block
+])
+def test_fine_tuning_from_a_cut_inside_a_block_is_the_on_the_fly_run(manifest, tmp_path, backbone, layer):
+    _, base, _ = _model(backbone, 0)
+    index = _index(base, layer)
+    keras.backend.clear_session()
+    _, on_the_fly, cached = _fine_tune_both_ways(manifest, tmp_path, backbone, index)
+    _assert_same_run(on_the_fly, cached, backbone, manifest[1])
+
+
+def test_trials_building_the_same_cache_at_once_extract_it_once(manifest, tmp_path, monkeypatch):
+    """The second trial starts while the first extracts: it waits for the file and reads it."""
+    frame, names = manifest
+    rows = frame[frame["split"] == "val"]
+    model, base, cut = _model("VGG16", 12)
+    lower = activations.lower_model(model, base, cut)
+    original, calls, results = activations.extract, [], {}
+
+    def trial(name: str) -> None:
+        results[name] = np.array(activations.cached_activations(
+            lower, "VGG16", rows, names, features.NO_FLIP, 12, SETTINGS, tmp_path))
+
+    second = threading.Thread(target=trial, args=("second",))
+
+    def slow_extract(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            second.start()
+            time.sleep(1.0)  # the second trial reaches the cache while this one extracts
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(activations, "extract", slow_extract)
+    trial("first")
+    second.join()
+    assert len(calls) == 1
+    np.testing.assert_array_equal(results["first"], results["second"])
+    stored = np.load(activations.activations_path("VGG16", rows, features.NO_FLIP, 12, SETTINGS, tmp_path))
+    assert stored.shape == (1, len(rows), cut.values_per_image)
+    np.testing.assert_array_equal(stored, results["first"])
+    assert [path.name for path in tmp_path.iterdir() if path.name.startswith(".") and not path.name.endswith(".lock")] == []
+    keras.backend.clear_session()
