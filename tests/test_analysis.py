@@ -129,7 +129,7 @@ def trial(strategy, step, method, accuracy, block=None, finetune=None, seconds=6
     phases = {name: phase for name, phase in (("block", block), ("finetune", finetune)) if phase}
     return {"id": f"{strategy}-{step}-{method}-{accuracy}", "strategy": strategy, "step": step, "method": method,
             "val_accuracy": accuracy, "status": "ok" if accuracy is not None else "failed",
-            "seconds": seconds, "phases": phases}
+            "objective": "val_accuracy", "objective_value": accuracy, "seconds": seconds, "phases": phases}
 
 
 def phase(epochs, stopped_by="completed", seconds=30.0):

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tlopt import backbones
+from tlopt import backbones, objectives
 from tlopt.analysis import strategy_trials
 from tlopt.params import Experiment
 from tlopt.store import RunFolder
@@ -22,7 +22,8 @@ def _check_search(config: Experiment, run: RunFolder, strategy: str, steps: tupl
     finished = trials[trials["status"] == TrialState.OK]
     assert (trials.groupby(["strategy", "step"]).size() <= config.bo.budget).all(), \
         "a step ran more trials than its budget"
-    assert best.val_accuracy == finished[finished["step"] == steps[-1]]["val_accuracy"].max(), \
+    last = finished[finished["step"] == steps[-1]]["objective_value"]
+    assert best.score == last.map(objectives.get(config.objective).score).max(), \
         "the best trial is not the best of the last step"
     assert all(Path(path).is_file() for path in finished["weights"]), "a finished trial lost its weights"
     for label, _ in strategy_runs(config, strategy):
