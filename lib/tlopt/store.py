@@ -2,7 +2,7 @@
 
 ```
 <results_dir>/<run>/
-  params.yaml  environment.json  split.csv  split_summary.json  trials.jsonl  report.html
+  params.yaml  environment.json  split.csv  split_summary.json  external.csv  trials.jsonl  report.html
   <strategy>/best.json  <strategy>/predictions-<split>.json
   <strategy>/<step>/    GPyOpt's files, figures, status.json
   runs/<trial>/         <phase>/history.csv, <phase>/best.weights.h5, tensorboard/<phase>/
@@ -97,6 +97,7 @@ class RunFolder:
     ENVIRONMENT = "environment.json"
     SPLIT = "split.csv"
     SPLIT_SUMMARY = "split_summary.json"
+    EXTERNAL = "external.csv"
     TRIALS = "trials.jsonl"
     REPORT = "report.html"
     NOTEBOOKS = "notebooks"
@@ -170,6 +171,11 @@ class RunFolder:
     @property
     def split_summary_file(self) -> Path:
         return self.path / self.SPLIT_SUMMARY
+
+    @property
+    def external_file(self) -> Path:
+        """The external test set (`data.external_test`), kept apart from the split the search sees."""
+        return self.path / self.EXTERNAL
 
     @property
     def trials_file(self) -> Path:
