@@ -16,11 +16,14 @@ REPORT_SECTIONS = [
     "00 · Data split", "Sample images per class",
     "01 · Shared hyperparameters", "Did Bayesian optimization improve on its random initial points?",
     "04 · Layer optimization", "Surrogate and acquisition",
-    "05 · Analysis", "Validation accuracy of every run against epoch",
-    "Validation accuracy of every run against wall-clock time", "Strategy comparison", "Best hyperparameters",
+    "05 · Analysis", "The objective of every run against epoch",
+    "The objective of every run against wall-clock time", "Strategy comparison", "Best hyperparameters",
     "Final models: per-class metrics and confusion matrices", "Comparison with the dataset paper",
     "Time per strategy", "Nonconvergence filtering", "Environment",
-    "Validation and held-out test, side by side", "Failed trials and stopped runs",
+    "Validation, held-out test and external test, side by side", "Failed trials and stopped runs",
+    # The run's objective is balanced accuracy and it has an external test set (tests/conftest.py).
+    "objective: validation balanced accuracy (val_balanced_accuracy)", "The external test set and the search",
+    "External test set: 6 images",
 ]
 
 
@@ -54,7 +57,10 @@ def test_the_run_writes_every_file_of_the_results_layout(finished_run):
         assert metadata["end_time"] and not metadata["exception"]
         assert metadata["parameters"]["run_dir"] == str(run_dir)
     for trial in trials:
-        assert f"trial {trial['id']}: val_accuracy" in result.stdout
+        assert f"trial {trial['id']}: val_balanced_accuracy {trial['objective_value']:.3f}" in result.stdout
+        assert trial["objective"] == "balanced_accuracy"
+    for name in ("external.csv", "shared/predictions-val.json", "shared/predictions-external.json"):
+        assert (run_dir / name).is_file(), name
 
 
 def test_the_report_holds_every_section_and_fetches_nothing(finished_run):
