@@ -82,6 +82,17 @@ def test_a_leaking_given_split_is_rejected_with_the_groups_named(tmp_path):
     assert not (tmp_path / "run" / "split.csv").exists()
 
 
+def test_tlopt_run_refuses_a_leaking_manifest_in_one_line_before_making_a_run_folder(tmp_path, capsys):
+    manifest = _given(tmp_path, leak=True)
+    params = tmp_path / "exp.yaml"
+    params.write_text(f"run_name: exp\nresults_dir: results\ndata: {{manifest: {manifest}, image_size: 32}}\n"
+                      "backbones: [VGG16]\nweights: null\n")
+    assert cli.main(["run", str(params)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: {manifest}: 2 group(s) on two sides of the split: p2 (train, val), p5 (train, test)"]
+    assert not (tmp_path / "results" / "exp").exists()
+
+
 def test_a_manifest_without_a_split_is_split_by_whole_groups(tmp_path):
     rows = [(f"{label}/{patient}_{n}.png", label, patient)
             for label in ("a", "b") for patient in [f"{label}{p}" for p in range(6)] for n in range(3)]
@@ -123,7 +134,8 @@ def test_a_missing_image_names_its_row(tmp_path):
 
 
 def test_groups_from_patient_folders_never_cross(tmp_path):
-    root = _patients(tmp_path / "data", {"polyp": [f"p{i}" for i in range(6)], "normal": [f"p{i}" for i in range(4, 12)]})
+    patients = {"polyp": [f"p{i}" for i in range(6)], "normal": [f"p{i}" for i in range(4, 12)]}
+    root = _patients(tmp_path / "data", patients)
     split = data.prepare_split(_params(tmp_path, root=str(root), group_by="folder", test_fraction=0.2),
                                tmp_path / "run")
     assert data.groups_on_two_sides(split) == {}

@@ -147,7 +147,8 @@ class TrialPrinter(threading.Thread):
     def print_new(self) -> None:
         records = self.trials.records()
         for trial in records[self.seen:]:
-            result = f"{get_objective(trial.objective).key} {trial.objective_value:.3f}" if trial.ok else trial.error
+            key = get_objective(trial.objective).key
+            result = f"{key} {trial.objective_value:.3f}" if trial.ok else trial.error
             print(f"    trial {trial.id}: {result} ({trial.seconds:.0f} s)", flush=True)
         self.seen = len(records)
 
@@ -226,7 +227,8 @@ def open_run_dir(args: argparse.Namespace) -> tuple[Experiment, RunFolder, TextI
         overrides["run_name"] = args.name
     config = load_params(args.params, overrides)
     run = RunFolder.of(config)
-    lock = lock or lock_run_dir(run.path)
+    if lock is None:
+        lock = lock_run_dir(run.path)
     replacing = not args.resume and run.path.exists()
     if replacing and not (args.replace or _stopped_before_its_split(run)):
         raise TloptError(f"{run} already exists: choose another --name, --resume it or --replace it")

@@ -28,10 +28,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import tensorflow as tf
+import yaml
 from PIL import Image
 from sklearn.model_selection import train_test_split
-
-import yaml
 
 from tlopt.errors import DataError
 from tlopt.files import atomic_path, atomic_write_json, atomic_write_text, read_json
@@ -268,6 +267,8 @@ def read_external_test(config: Experiment, names: Sequence[str]) -> pd.DataFrame
     DataError naming it, since its numbers would not be comparable with the internal test.
     """
     location = Path(config.data.external_test)
+    if not location.exists():
+        raise DataError(f"data.external_test: not found: {location}")
     if location.is_file():
         frame = read_image_list(location)[["path", "label"]]
     else:
@@ -435,7 +436,8 @@ def relocate(run: RunFolder | str | os.PathLike, root: str | os.PathLike | None 
     split (and of the external set) must be there; then `split_summary.json` records the
     new roots and `params.yaml` the new locations, so that the resumed run and its
     notebooks read the moved files. A split of the first version, with absolute paths,
-    is made relative to its old root first.
+    is made relative to its old root first. A run that stopped before its split only
+    records the new locations.
     """
     run = RunFolder(run)
     summary = read_split_summary(run) if run.split_summary_file.is_file() else {}
@@ -443,28 +445,30 @@ def relocate(run: RunFolder | str | os.PathLike, root: str | os.PathLike | None 
     settings = params["data"]
     if root is not None:
         root = os.path.abspath(root)
-        old = summary.get("root") or settings["root"]
-        frame = read_manifest(run.split_file)
-        relative = _relative(_absolute(frame, old), old)
-        if relative["path"].str.startswith("../").any():
-            raise DataError(f"{run.split_file}: images outside the dataset's root {old} cannot move with it")
-        _missing(_absolute(relative, root)["path"], run.split_file.name, root)
-        write_manifest(relative, run.split_file)
-        summary["root"] = root
+        if run.split_file.is_file():
+            old = summary.get("root") or settings["root"]
+            relative = _relative(_absolute(read_manifest(run.split_file), old), old)
+            if relative["path"].str.startswith("../").any():
+                raise DataError(f"{run.split_file}: images outside the dataset's root {old} cannot move with it")
+            _missing(_absolute(relative, root)["path"], run.split_file.name, root)
+            write_manifest(relative, run.split_file)
+            summary["root"] = root
         if settings.get("manifest"):
             settings["manifest"] = os.path.join(root, Path(settings["manifest"]).name)
         else:
             settings["root"] = root
     if external_test is not None:
-        if summary.get("external") is None:
+        if not settings.get("external_test"):
             raise DataError(f"{run} has no external test set to move (data.external_test was not set)")
         external_test = os.path.abspath(external_test)
-        external_root = _external_root(external_test)
-        _missing(_absolute(read_manifest(run.external_file), external_root)["path"], run.external_file.name,
-                 external_root)
-        summary["external"]["root"] = external_root
+        if run.external_file.is_file():
+            external_root = _external_root(external_test)
+            _missing(_absolute(read_manifest(run.external_file), external_root)["path"], run.external_file.name,
+                     external_root)
+            summary["external"]["root"] = external_root
         settings["external_test"] = external_test
-    atomic_write_json(run.split_summary_file, summary)
+    if summary:
+        atomic_write_json(run.split_summary_file, summary)
     atomic_write_text(run.params_file, yaml.safe_dump(params, sort_keys=False))
 
 

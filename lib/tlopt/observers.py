@@ -106,7 +106,7 @@ class ProgressBar(StepObserver):
     def trial_end(self, progress: StepProgress, trial: Trial) -> None:
         best = best_trial(progress.done)
         key = objectives.get(progress.objective).key
-        self.bar.set_postfix({key: f"{best.objective_value:.3f}" if best else "n/a"})
+        self.bar.set_postfix({f"best {key}": f"{best.objective_value:.3f}" if best else "n/a"})
         self.bar.update(1)
 
     def step_end(self, progress: StepProgress, stop_reason: str | None) -> None:

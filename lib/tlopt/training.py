@@ -280,8 +280,9 @@ def train_block(
     `frame` is the split manifest (its train rows fit, its val rows validate); `folder`
     the trial's folder (`store.TrialFolder`, or its path). The checkpoint keeps the Dense
     layer's weights at the objective's best value; the backbone's are those it starts with
-    (`config.weights`), which fine-tuning builds again. With `training.feature_cache` (and a `cache_dir`) the Dense layer trains on
-    cached pooled features instead of running the frozen backbone in every epoch.
+    (`config.weights`), which fine-tuning builds again. With `training.feature_cache` (and a
+    `cache_dir`) the Dense layer trains on cached pooled features instead of running the
+    frozen backbone in every epoch.
     """
     folder = TrialFolder(folder)
     with _run_scope(config):
