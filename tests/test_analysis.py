@@ -3,6 +3,7 @@
 import json
 from dataclasses import dataclass
 from datetime import datetime
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -115,7 +116,7 @@ def test_final_model_evaluation_predicts_the_split_with_the_final_weights(run):
 
     evaluation = analysis.evaluate_final_model(params, run_dir, "shared", "val", trainer=Predictor())
     final = analysis.final_trial(run_dir, "shared")
-    assert calls == [(final.setup["backbone"], final.weights, ["val"] * 4, ["a", "b"])]
+    assert calls == [(final.setup["backbone"], Path(final.weights), ["val"] * 4, ["a", "b"])]
     assert evaluation.confusion.loc["a"].tolist() == [1, 1] and evaluation.confusion.loc["b"].tolist() == [0, 2]
     assert evaluation.metrics.loc["a", "REC"] == 0.5 and evaluation.metrics.loc["Average", "ACC"] == 0.75
 

@@ -1,6 +1,7 @@
 """`tlopt run params/ci.yaml` end to end, as a user runs it: the results layout, the report, resume."""
 
 import json
+import shutil
 from pathlib import Path
 
 import nbformat
@@ -84,16 +85,21 @@ def test_resume_of_a_finished_run_does_no_new_work(finished_run, ci_params):
     assert after == before, "resume wrote or changed files"
 
 
-def test_a_failing_notebook_stops_the_run_and_keeps_what_it_wrote(tmp_path):
+def test_a_failing_notebook_stops_the_run_and_keeps_what_it_wrote(tmp_path, demo_root):
+    """A dataset that passes `tlopt run`'s check but cannot be split: notebook 00 fails."""
+    for label, count in (("a", 4), ("b", 1)):
+        (tmp_path / "few" / label).mkdir(parents=True)
+        for image in sorted(demo_root.rglob("*.jpg"))[:count]:
+            shutil.copy(image, tmp_path / "few" / label)
     params = load_params(REPOSITORY / "params" / "ci.yaml",
-                         {"results_dir": str(tmp_path / "results"), "data.root": str(tmp_path / "nothing"),
+                         {"results_dir": str(tmp_path / "results"), "data.root": str(tmp_path / "few"),
                           "data.demo": None})
     result = run_tlopt("run", dump_params(params, tmp_path / "broken.yaml"), "--name", "broken")
 
     assert result.returncode == 1
     [line] = result.stderr.strip().splitlines()
     assert line.startswith("error: 00_data_split.ipynb failed in cell [")
-    assert f"DataError: dataset folder not found: {tmp_path / 'nothing'}" in line
+    assert "DataError: class 'b' has 1 image(s): too few" in line
     run_dir = tmp_path / "results" / "broken"
     assert (run_dir / "params.yaml").is_file() and (run_dir / "notebooks" / "00_data_split.ipynb").is_file()
     assert not (run_dir / "report.html").exists() and "01_shared_strategy" not in result.stdout

@@ -280,6 +280,35 @@ def test_resume_keeps_the_runs_data_and_data_root_moves_it(tmp_path, demo_root, 
         cli.main(["run", str(params), "--data-root", str(moved)])
 
 
+def test_a_run_folder_moved_to_another_machine_finds_its_weights(tmp_path):
+    """Trial records hold absolute paths of where the run folder was: layer optimization, the checks and
+    the evaluation read the weights where the folder is now."""
+    from fakes import FakeTrainer
+    from tlopt import checks, optimize
+
+    params = _params(tmp_path, root=str(tmp_path / "data")).updated({"bo.initial_points": 2, "bo.iterations": 0,
+                                                                      "backbones": ["VGG16", "VGG19"]})
+    laptop = RunFolder.open(params)
+    data.write_manifest(pd.DataFrame({"path": ["a.png", "b.png", "c.png", "d.png"], "label": ["a", "a", "b", "b"],
+                                      "group": ["1", "2", "3", "4"], "split": ["train", "val"] * 2}),
+                        laptop.split_file)
+    best = optimize.run_strategy(params, "shared", laptop, trainer=FakeTrainer(), progress=False)
+    server = RunFolder(shutil.move(laptop.path, tmp_path / "server" / "r"))
+    data.relocate(server)  # what `tlopt run PARAMS --resume DIR` does first
+    moved = params.updated({"results_dir": str(server.path.parent)})
+    assert server.read_params()["results_dir"] == str(server.path.parent)
+
+    class Checking(FakeTrainer):
+        def fine_tune(self, backbone, optimizer, rate, layer, block_weights, *args, **kwargs):
+            assert Path(block_weights).is_file() and server.path in Path(block_weights).parents
+            return super().fine_tune(backbone, optimizer, rate, layer, block_weights, *args, **kwargs)
+
+    final = optimize.run_layer_optimization(moved, "shared", server, trainer=Checking(), progress=False)
+    checks.check_strategy(moved, server, "shared", best)
+    assert server.local(best.weights) == server.path / "runs" / best.id / "finetune" / "best.weights.h5"
+    assert server.local(final.weights) == Path(final.weights), "a path that exists stays as it is"
+
+
 def test_the_demo_makes_its_last_class_rare(tmp_path):
     root = generate_demo_dataset(tmp_path / "demo", images_per_class=10, image_size=32, num_classes=3, imbalance=0.3)
     counts = data.discover(root)["label"].value_counts()

@@ -94,6 +94,9 @@ def test_a_threshold_relative_to_chance_adapts_to_the_classes(threshold, monitor
 def test_a_relative_threshold_needs_a_monitor_with_a_chance_level():
     with pytest.raises(ConfigError, match="not for the monitor 'val_top3'"):
         objectives.resolve_threshold("chance", "val_top3", [5, 5])
+    with pytest.raises(ConfigError, match="training.nonconvergence: monitor 'val_top3' has no chance level"):
+        validate({"data": {"root": "x"}, "training": {"nonconvergence": {"monitor": "val_top3"}}})
+    assert validate({"data": {"root": "x"}, "training": {"nonconvergence": {"monitor": "val_top3", "threshold": 0.4}}})
 
 
 def test_a_fixed_threshold_on_the_wrong_side_of_chance_is_warned_about():

@@ -240,7 +240,7 @@ def evaluate_final_model(config: Experiment, run: Run, strategy: str, split: str
         if rows is None:
             raise TloptError(f"{run} has no external test set (data.external_test)")
         final = final_trial(run, strategy)
-        predicted = trainer.predict(final.setup["backbone"], final.weights, rows, names, config)
+        predicted = trainer.predict(final.setup["backbone"], run.local(final.weights), rows, names, config)
         predictions = {"trial": final.id, "path": rows["path"].tolist(),
                        "true": rows["label"].map(names.index).tolist(), "predicted": np.asarray(predicted).tolist()}
         atomic_write_json(stored, predictions)

@@ -6,8 +6,6 @@ calls one, so `tlopt run` and the notebook tests fail on a search that broke its
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from tlopt import backbones, objectives
 from tlopt.analysis import strategy_trials
 from tlopt.params import Experiment
@@ -25,7 +23,7 @@ def _check_search(config: Experiment, run: RunFolder, strategy: str, steps: tupl
     last = finished[finished["step"] == steps[-1]]["objective_value"]
     assert best.score == last.map(objectives.get(config.objective).score).max(), \
         "the best trial is not the best of the last step"
-    assert all(Path(path).is_file() for path in finished["weights"]), "a finished trial lost its weights"
+    assert all(run.local(path).is_file() for path in finished["weights"]), "a finished trial lost its weights"
     for label, _ in strategy_runs(config, strategy):
         for step in steps:
             assert (run.step_dir(label, step) / "convergence.png").is_file(), f"{label}/{step}: no convergence plot"

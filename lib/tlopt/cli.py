@@ -204,9 +204,9 @@ def _stopped_before_its_split(run: RunFolder) -> bool:
 def open_run_dir(args: argparse.Namespace) -> tuple[Experiment, RunFolder, TextIO]:
     """The run's parameters, folder and lock: a new folder (`--name`, `--replace`) or a resumed one.
 
-    A resumed run keeps its dataset's location (data.root, data.manifest,
-    data.external_test) as it keeps its folder; `--data-root` and `--external-test` move
-    it (`data.relocate`). The dataset and the pretrained weights are checked before a new
+    A resumed run folder may have moved (to another machine); it keeps its dataset's
+    location (data.root, data.manifest, data.external_test), which `--data-root` and
+    `--external-test` move (`data.relocate`). The dataset and the pretrained weights are checked before a new
     folder is made; a folder that stopped before its split is started again without `--replace`.
     """
     overrides: dict = {}
@@ -218,8 +218,7 @@ def open_run_dir(args: argparse.Namespace) -> tuple[Experiment, RunFolder, TextI
         if not resumed.params_file.is_file():
             raise TloptError(f"cannot resume {resumed}: not a run folder (no {RunFolder.PARAMS})")
         lock = lock_run_dir(resumed.path)
-        if args.data_root or args.external_test:
-            data.relocate(resumed, args.data_root, args.external_test)
+        data.relocate(resumed, args.data_root, args.external_test)  # the folder, or its data, may have moved
         stored = resumed.read_params().get("data") or {}
         overrides.update({f"data.{key}": stored[key] for key in data.LOCATIONS if stored.get(key) is not None})
         overrides.update(run_name=resumed.name, results_dir=str(resumed.path.parent))

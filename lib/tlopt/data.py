@@ -429,19 +429,22 @@ def _missing(paths: pd.Series, what: str, root: str) -> None:
 
 def relocate(run: RunFolder | str | os.PathLike, root: str | os.PathLike | None = None,
              external_test: str | os.PathLike | None = None) -> None:
-    """Point a run at its dataset's new place (`tlopt run PARAMS --resume DIR --data-root NEWROOT`).
+    """Record where a run folder and its dataset are now (`tlopt run PARAMS --resume DIR [--data-root NEWROOT]`).
 
-    `root` is the dataset's new folder (the folder per class, or the manifest's folder);
-    `external_test` the external test set's new folder or manifest. Every image of the
-    split (and of the external set) must be there; then `split_summary.json` records the
-    new roots and `params.yaml` the new locations, so that the resumed run and its
-    notebooks read the moved files. A split of the first version, with absolute paths,
-    is made relative to its old root first. A run that stopped before its split only
-    records the new locations.
+    The run folder's own place becomes its `results_dir`: a run folder copied to another
+    machine resumes there. `root` is the dataset's new folder (the folder per class, or
+    the manifest's folder); `external_test` the external test set's new folder or
+    manifest. Every image of the split (and of the external set) must be there; then
+    `split_summary.json` records the new roots and `params.yaml` the new locations, so
+    that the resumed run and its notebooks read the moved files. A split of the first
+    version, with absolute paths, is made relative to its old root first. A run that
+    stopped before its split only records the new locations.
     """
     run = RunFolder(run)
     summary = read_split_summary(run) if run.split_summary_file.is_file() else {}
     params = run.read_params()
+    recorded = yaml.safe_dump(params, sort_keys=False)
+    params["results_dir"] = str(run.path.parent)
     settings = params["data"]
     if root is not None:
         root = os.path.abspath(root)
@@ -467,9 +470,10 @@ def relocate(run: RunFolder | str | os.PathLike, root: str | os.PathLike | None 
                      external_root)
             summary["external"]["root"] = external_root
         settings["external_test"] = external_test
-    if summary:
+    if summary and (root is not None or external_test is not None):
         atomic_write_json(run.split_summary_file, summary)
-    atomic_write_text(run.params_file, yaml.safe_dump(params, sort_keys=False))
+    if yaml.safe_dump(params, sort_keys=False) != recorded:
+        atomic_write_text(run.params_file, yaml.safe_dump(params, sort_keys=False))
 
 
 def _check_fractions(val_fraction: float, test_fraction: float) -> None:

@@ -111,6 +111,15 @@ class Nonconvergence(_Section):
             objectives.check_threshold(threshold)
         return threshold
 
+    @model_validator(mode="after")
+    def _chance_is_defined(self) -> "Nonconvergence":
+        """A threshold relative to chance (also the default one) needs a monitor whose chance level is known."""
+        if self.monitor is not None and objectives.of_key(self.monitor) is None and (
+                self.threshold is None or isinstance(self.threshold, str)):
+            raise ValueError(f"monitor {self.monitor!r} has no chance level: give a number as threshold "
+                             f"(chance is known for {', '.join(o.key for o in objectives.OBJECTIVES.values())})")
+        return self
+
 
 class Training(_Section):
     block_epochs: int = Field(10, ge=1)

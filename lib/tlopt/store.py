@@ -236,6 +236,14 @@ class RunFolder:
     def trial(self, trial_id: str) -> TrialFolder:
         return TrialFolder(self.path / "runs" / trial_id)
 
+    def local(self, recorded: str | os.PathLike) -> Path:
+        """A trial file's path as a record holds it (absolute, written wherever the run folder was then)
+        in this run folder now: a run folder moved to another machine finds its weights."""
+        parts = Path(recorded).parts
+        if "runs" not in parts or Path(recorded).is_file():
+            return Path(recorded)
+        return self.path.joinpath(*parts[len(parts) - 1 - parts[::-1].index("runs"):])
+
 
 def _first_difference(old: Any, new: Any, prefix: str = "") -> str | None:
     if isinstance(old, dict) and isinstance(new, dict):
