@@ -40,12 +40,19 @@ def demo_root(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def ci_params(tmp_path_factory):
-    """params/ci.yaml with its data and results in a temporary folder."""
+    """params/ci.yaml with its data and results in a temporary folder, and the options of imbalanced
+    medical data (nbval runs the notebooks on ci.yaml's faithful settings): balanced accuracy as the
+    objective, balanced class weights, and an external test set from another "site" (the demo
+    generator with another seed, the same two classes)."""
+    from tlopt.demo_data import generate_demo_dataset
     from tlopt.params import dump_params, load_params
 
     folder = tmp_path_factory.mktemp("e2e")
-    params = load_params(REPOSITORY / "params" / "ci.yaml",
-                         {"results_dir": str(folder / "results"), "data.root": str(folder / "data")})
+    external = generate_demo_dataset(folder / "site_b", images_per_class=3, image_size=32, seed=7, num_classes=2)
+    params = load_params(REPOSITORY / "params" / "ci.yaml", {
+        "results_dir": str(folder / "results"), "data.root": str(folder / "data"),
+        "data.external_test": str(external), "objective": "balanced_accuracy", "training.class_weight": "balanced",
+    })
     return dump_params(params, folder / "ci.yaml")
 
 

@@ -10,9 +10,13 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tlopt import objectives
+
 
 @dataclass
 class FakeResult:
+    """A run's result; the objective's value is validation accuracy's unless given."""
+
     val_accuracy: float
     val_loss: float
     weights_path: str
@@ -21,6 +25,18 @@ class FakeResult:
     epochs: int = 3
     stopped_by: str = "completed"
     seconds: float = 0.01
+    objective: str = objectives.DEFAULT
+    objective_value: float | None = None
+
+    def __post_init__(self):
+        if self.objective_value is None:
+            self.objective_value = self.val_accuracy
+
+
+def measures(accuracy: float) -> dict[str, float]:
+    """Every objective's value of a fake run, by log key: here they all follow its accuracy."""
+    return {"val_accuracy": accuracy, "val_balanced_accuracy": accuracy, "val_macro_f1": accuracy,
+            "val_loss": 1 - accuracy}
 
 
 def peaked_score(backbone: str, optimizer: str, learning_rate: float, layer: int = 0) -> float:
@@ -32,11 +48,16 @@ def peaked_score(backbone: str, optimizer: str, learning_rate: float, layer: int
 
 @dataclass
 class FakeTrainer:
-    """Records every call; `fail_when(call)` makes a phase raise like a crashed run."""
+    """Records every call; `fail_when(call)` makes a phase raise like a crashed run.
+
+    `score(backbone, optimizer, rate, layer)` is a run's accuracy, `measures(accuracy, call)`
+    every objective's value, of which the result reports the parameter file's objective.
+    """
 
     calls: list = field(default_factory=list)
     fail_when: object = None
     score: object = peaked_score
+    measures: object = lambda accuracy, call: measures(accuracy)
 
     def _maybe_fail(self, call: dict) -> None:
         if self.fail_when is not None and self.fail_when(call):
@@ -56,8 +77,7 @@ class FakeTrainer:
                     run_dir=Path(folder))
         self.calls.append(call)
         self._maybe_fail(call)
-        accuracy = self.score(backbone, optimizer, learning_rate)
-        return FakeResult(accuracy, 1 - accuracy, self._weights(folder, "block"), "block")
+        return self._result(self.score(backbone, optimizer, learning_rate), call, config, folder)
 
     def fine_tune(self, backbone, optimizer, learning_rate, delimiting_layer, block_weights,
                   frame, class_names, folder, config, cache_dir=None, observers=()):
@@ -66,5 +86,9 @@ class FakeTrainer:
                     block_weights=block_weights, run_dir=Path(folder))
         self.calls.append(call)
         self._maybe_fail(call)
-        accuracy = self.score(backbone, optimizer, learning_rate, delimiting_layer)
-        return FakeResult(accuracy, 1 - accuracy, self._weights(folder, "finetune"), "finetune")
+        return self._result(self.score(backbone, optimizer, learning_rate, delimiting_layer), call, config, folder)
+
+    def _result(self, accuracy: float, call: dict, config, folder) -> FakeResult:
+        values, objective = self.measures(accuracy, call), objectives.get(config.objective)
+        return FakeResult(accuracy, values["val_loss"], self._weights(folder, call["phase"]), call["phase"],
+                          objective=objective.name, objective_value=values[objective.key])

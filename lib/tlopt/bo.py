@@ -103,8 +103,8 @@ def write_files(step_dir: Path, space: SearchSpace, X: np.ndarray, Y: np.ndarray
 def surrogate_surface(space: SearchSpace, X: np.ndarray, Y: np.ndarray, bo: BayesianOptimization) -> dict | None:
     """The GP's prediction and the acquisition on a grid, for domains of 1 or 2 variables.
 
-    Values are turned back into validation accuracy (GPyOpt models the normalized,
-    negated accuracy). None for larger domains. `plots.acquisition_figure` draws it.
+    Values are turned back into scores (the objective's value, or exp(-loss); GPyOpt models
+    the normalized, negated score). None for larger domains. `plots.acquisition_figure` draws it.
     """
     variables = space.variables
     numeric = [v for v in variables if not hasattr(v, "options")]

@@ -198,32 +198,44 @@ def fit_head(
     val: FeatureBatches,
     epochs: int,
     callbacks: Sequence[keras.callbacks.Callback],
+    metrics: Sequence[keras.metrics.Metric] = (),
+    class_weight: dict[int, float] | None = None,
 ) -> keras.callbacks.History:
-    """`head.fit(train, validation_data=val, ...)` at a fraction of its fixed cost.
+    """`head.fit(train, validation_data=val, class_weight=class_weight, ...)` at a fraction of its fixed cost.
 
     `head` is compiled as `training` compiles a run's model: its optimizer (wrapped for
-    loss scaling under mixed precision), the sparse categorical cross-entropy and
-    accuracy. `Model.fit` traces Keras's general train and test steps for every new
-    model: on 2 cores 0.3-0.5 s, most of a cached trial's time. These steps do what
-    Keras's do for this model (forward pass, the sparse categorical cross-entropy averaged
-    over the batch, scaled and unscaled by the optimizer, its update; the epoch's loss and
-    accuracy as sample-weighted means) and trace in a fraction of that. The callbacks see
-    what `fit` shows them at the epoch level (train, epoch and test begin and end, the
-    same logs); no batch-level hooks. A non-finite loss ends the run after its epoch, as
-    `TerminateOnNaN` ends `fit`'s.
+    loss scaling under mixed precision), the sparse categorical cross-entropy, accuracy
+    and `metrics` (the objective's, `objectives.metrics_for`). `Model.fit` traces Keras's
+    general train and test steps for every new model: on 2 cores 0.3-0.5 s, most of a
+    cached trial's time. These steps do what Keras's do for this model (forward pass, the
+    sparse categorical cross-entropy averaged over the batch, scaled and unscaled by the
+    optimizer, its update; the epoch's loss and metrics as sample-weighted means) and trace
+    in a fraction of that. `class_weight` weights the training loss as Keras does: each
+    image's weight is its class's, and the loss is the weighted sum divided by the batch
+    size (not by the sum of the weights); compiled metrics stay unweighted (Keras weights
+    only `weighted_metrics`), and so does validation. The callbacks see what `fit` shows
+    them at the epoch level (train, epoch and test begin and end, the same logs); no
+    batch-level hooks. A non-finite loss ends
+    the run after its epoch, as `TerminateOnNaN` ends `fit`'s.
     """
     weights = head.trainable_variables
     optimizer = head.optimizer
     optimizer.build(weights)
     loss_of = keras.losses.SparseCategoricalCrossentropy()
-    loss_mean, accuracy = keras.metrics.Mean(), keras.metrics.SparseCategoricalAccuracy()
+    loss_mean = keras.metrics.Mean()
+    measures = [keras.metrics.SparseCategoricalAccuracy(name="accuracy"), *metrics]
     batch = (tf.TensorSpec([None, head.input_shape[-1]], tf.float32), tf.TensorSpec([None], tf.int32))
+    # Keras's class-weight table: the weight of class c at index c, 1.0 for a class the mapping omits.
+    table = None if class_weight is None else tf.constant(
+        [class_weight.get(c, 1.0) for c in range(max(class_weight) + 1)], tf.float32)
 
     def measured(features: tf.Tensor, labels: tf.Tensor, training: bool) -> tf.Tensor:
         probabilities = head(features, training=training)
-        loss = loss_of(labels, probabilities)
+        sample_weight = tf.gather(table, labels) if training and table is not None else None
+        loss = loss_of(labels, probabilities, sample_weight=sample_weight)
         loss_mean.update_state(loss, sample_weight=tf.shape(features)[0])
-        accuracy.update_state(labels, probabilities)
+        for measure in measures:
+            measure.update_state(labels, probabilities)  # compiled `metrics` are unweighted in Keras
         return loss
 
     @tf.function(input_signature=batch, jit_compile=head.jit_compile)
@@ -237,11 +249,11 @@ def fit_head(
         measured(features, labels, False)
 
     def run_epoch(step: Callable, batches: FeatureBatches) -> dict[str, float]:
-        loss_mean.reset_state()
-        accuracy.reset_state()
+        for measure in (loss_mean, *measures):
+            measure.reset_state()
         for features, labels in batches:
             step(features, labels)
-        return {"loss": float(loss_mean.result()), "accuracy": float(accuracy.result())}
+        return {"loss": float(loss_mean.result()), **{m.name: float(m.result()) for m in measures}}
 
     history = keras.callbacks.History()
     hooks = keras.callbacks.CallbackList([*callbacks, history], model=head)

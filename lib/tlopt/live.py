@@ -11,6 +11,7 @@ from __future__ import annotations
 import keras
 from matplotlib.figure import Figure
 
+from tlopt import objectives
 from tlopt.observers import StepObserver, StepProgress
 
 
@@ -25,15 +26,17 @@ def in_notebook() -> bool:
 
 
 class LiveAccuracy(keras.callbacks.Callback, StepObserver):
-    """Validation accuracy per epoch of the running trial (bold) over the finished ones (grey).
+    """The objective (validation accuracy by default) per epoch of the running trial (bold) over the
+    finished ones (grey).
 
     A Keras callback of every training run, and an observer of the BO step that names
     the running trial.
     """
 
-    def __init__(self, title: str, display=None):
+    def __init__(self, title: str, display=None, objective: str = objectives.DEFAULT):
         super().__init__()
         self.title = title
+        self.objective = objectives.get(objective)
         self.curves: list[tuple[str, list[float]]] = []
         self.trial = "trial"
         self._display = display
@@ -47,8 +50,8 @@ class LiveAccuracy(keras.callbacks.Callback, StepObserver):
         self.curves.append((f"{self.trial} run {runs_of_trial + 1}", []))
 
     def on_epoch_end(self, epoch, logs=None) -> None:
-        if logs and "val_accuracy" in logs:
-            self.curves[-1][1].append(float(logs["val_accuracy"]))
+        if logs and self.objective.key in logs:
+            self.curves[-1][1].append(float(logs[self.objective.key]))
             self.redraw()
 
     def figure(self) -> Figure:
@@ -60,7 +63,9 @@ class LiveAccuracy(keras.callbacks.Callback, StepObserver):
             label, values = self.curves[-1]
             axis.plot(range(1, len(values) + 1), values, "-o", color="tab:blue", linewidth=2, label=label)
             axis.legend(loc="lower right", fontsize="small")
-        axis.set(title=self.title, xlabel="epoch", ylabel="val_accuracy", ylim=(0, 1.02))
+        axis.set(title=self.title, xlabel="epoch", ylabel=self.objective.key)
+        if self.objective.maximized:
+            axis.set_ylim(0, 1.02)
         axis.grid(True, alpha=0.3)
         return figure
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tlopt import bo, plots
+from tlopt import bo, objectives, plots
 from tlopt.files import save_figure
 from tlopt.params import BayesianOptimization
 from tlopt.space import SearchSpace
@@ -24,7 +24,7 @@ class StepProgress:
     """What observers see of a running step: its domain, the evaluations and finished trials so far.
 
     `X` holds the GPyOpt rows of the finished trials in finishing order, `Y` their negated
-    scores (GPyOpt minimizes).
+    scores (GPyOpt minimizes); `objective` names what the scores measure (`tlopt.objectives`).
     """
 
     label: str
@@ -35,6 +35,7 @@ class StepProgress:
     X: np.ndarray
     Y: np.ndarray
     done: list[Trial] = field(default_factory=list)
+    objective: str = objectives.DEFAULT
 
     @property
     def budget(self) -> int:
@@ -75,7 +76,8 @@ class ConvergencePlot(StepObserver):
     """GPyOpt's convergence plot (distance between consecutive points, best so far), after every trial."""
 
     def trial_end(self, progress: StepProgress, trial: Trial) -> None:
-        save_figure(plots.convergence_figure(progress.X, -progress.Y), progress.step_dir / "convergence.png")
+        figure = plots.convergence_figure(progress.X, -progress.Y, progress.objective)
+        save_figure(figure, progress.step_dir / "convergence.png")
 
 
 class SurrogatePlot(StepObserver):
@@ -86,11 +88,11 @@ class SurrogatePlot(StepObserver):
             return
         surface = bo.surrogate_surface(progress.space, progress.X, progress.Y, progress.settings)
         if surface is not None:
-            save_figure(plots.acquisition_figure(surface), progress.step_dir / "acquisition.png")
+            save_figure(plots.acquisition_figure(surface, progress.objective), progress.step_dir / "acquisition.png")
 
 
 class ProgressBar(StepObserver):
-    """A tqdm bar over the step's trials with the best validation accuracy so far."""
+    """A tqdm bar over the step's trials with the objective's best value so far."""
 
     def __init__(self) -> None:
         self.bar = None
@@ -103,7 +105,8 @@ class ProgressBar(StepObserver):
 
     def trial_end(self, progress: StepProgress, trial: Trial) -> None:
         best = best_trial(progress.done)
-        self.bar.set_postfix(best=f"{best.val_accuracy:.3f}" if best else "n/a")
+        key = objectives.get(progress.objective).key
+        self.bar.set_postfix({f"best {key}": f"{best.objective_value:.3f}" if best else "n/a"})
         self.bar.update(1)
 
     def step_end(self, progress: StepProgress, stop_reason: str | None) -> None:

@@ -21,7 +21,8 @@ from typing import Any
 
 import numpy as np
 
-from tlopt import bo, data
+from tlopt import bo, data, objectives
+from tlopt.backbones import check_weights
 from tlopt.errors import TloptError
 from tlopt.files import atomic_write_json
 from tlopt.live import LiveAccuracy, in_notebook
@@ -59,6 +60,7 @@ def _phase_summary(result: Any) -> dict:
     return {
         "val_accuracy": result.val_accuracy,
         "val_loss": result.val_loss,
+        "objective_value": result.objective_value,
         "best_epoch": result.best_epoch,
         "epochs": result.epochs,
         "stopped_by": result.stopped_by,
@@ -86,6 +88,8 @@ def run_trial(objective: Objective, request: TrialRequest) -> Trial:
         status=TrialState.OK,
         val_accuracy=float(scored.val_accuracy),
         val_loss=float(scored.val_loss),
+        objective=scored.objective,
+        objective_value=float(scored.objective_value),
         epochs=int(scored.epochs),
         stopped_by=scored.stopped_by,
         weights=str(scored.weights_path),
@@ -166,7 +170,7 @@ def run_step(ctx: Context, label: str, step: str, space: SearchSpace, objective:
     step_dir.mkdir(parents=True, exist_ok=True)
     X = np.array([trial.x for trial in done], dtype=float).reshape(len(done), len(space.variables))
     Y = np.array([[-trial.score] for trial in done], dtype=float).reshape(len(done), 1)
-    progress = StepProgress(label, step, step_dir, space, settings, X, Y, list(done))
+    progress = StepProgress(label, step, step_dir, space, settings, X, Y, list(done), ctx.config.objective)
     search = Search(progress, ctx.config.seed)
     executor = InProcess(objective)
     watchers = [*step_files(), *observers]
@@ -219,20 +223,24 @@ def _best_or_fail(trials: list[Trial], label: str, step: str) -> Trial:
 
 def make_context(config: Experiment, run: RunFolder, trainer: Any = None, live: bool = False,
                  title: str = "") -> Context:
-    """Read the run's split once for every objective of a run; `trainer` defaults to `tlopt.training`.
+    """Read the run's split once for every objective of a run; `trainer` defaults to `tlopt.training`,
+    which first checks (or downloads) the pretrained weights of every backbone the run may choose.
 
-    `live` adds the notebook's live figure of validation accuracy per epoch.
+    `live` adds the notebook's live figure of the objective per epoch.
     """
     if trainer is None:
         from tlopt import training as trainer
-    frame = data.read_manifest(run.split_file)
+
+        check_weights(config)
+    frame = data.read_split(run)
+    objective = objectives.get(config.objective)
     return Context(
         config=config,
         run=run,
         frame=frame,
         class_names=data.class_names(frame),
         trainer=trainer,
-        observers=[LiveAccuracy(f"{title}: validation accuracy per epoch")] if live else [],
+        observers=[LiveAccuracy(f"{title}: {objective.label} per epoch", objective=objective.name)] if live else [],
     )
 
 

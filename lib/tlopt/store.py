@@ -2,7 +2,7 @@
 
 ```
 <results_dir>/<run>/
-  params.yaml  environment.json  split.csv  split_summary.json  trials.jsonl  report.html
+  params.yaml  environment.json  split.csv  split_summary.json  external.csv  trials.jsonl  report.html
   best.json             the winner: the best final model across strategies
   repeats.jsonl         the winner's setup retrained with other seeds (final.repeats)
   model.keras           the winner exported (`tlopt export`); <strategy>/model.keras a strategy's
@@ -101,6 +101,7 @@ class RunFolder:
     ENVIRONMENT = "environment.json"
     SPLIT = "split.csv"
     SPLIT_SUMMARY = "split_summary.json"
+    EXTERNAL = "external.csv"
     TRIALS = "trials.jsonl"
     REPORT = "report.html"
     NOTEBOOKS = "notebooks"
@@ -174,6 +175,11 @@ class RunFolder:
     @property
     def split_summary_file(self) -> Path:
         return self.path / self.SPLIT_SUMMARY
+
+    @property
+    def external_file(self) -> Path:
+        """The external test set (`data.external_test`), kept apart from the split the search sees."""
+        return self.path / self.EXTERNAL
 
     @property
     def trials_file(self) -> Path:
@@ -274,6 +280,14 @@ class RunFolder:
     # Per trial
     def trial(self, trial_id: str) -> TrialFolder:
         return TrialFolder(self.path / "runs" / trial_id)
+
+    def local(self, recorded: str | os.PathLike) -> Path:
+        """A trial file's path as a record holds it (absolute, written wherever the run folder was then)
+        in this run folder now: a run folder moved to another machine finds its weights."""
+        parts = Path(recorded).parts
+        if "runs" not in parts or Path(recorded).is_file():
+            return Path(recorded)
+        return self.path.joinpath(*parts[len(parts) - 1 - parts[::-1].index("runs"):])
 
 
 def _first_difference(old: Any, new: Any, prefix: str = "") -> str | None:

@@ -2,7 +2,9 @@
 
 `trials.jsonl` holds one `Trial` a line (`Trial.to_record`); its fields are the ones the
 first version wrote, so that runs made by it still resume. `status` is a `TrialState`,
-a string enum: the file says "ok" or "failed", and code compares with the enum.
+a string enum: the file says "ok" or "failed", and code compares with the enum. A trial
+records the objective it was scored on and that objective's value (docs/method.md
+section 10); a record of the first version, which has neither, was scored on validation accuracy.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
+from tlopt import objectives
 
 class TrialState(StrEnum):
     """How a trial ended: trained to its result, or raised (NaN loss, out of memory, ...)."""
@@ -50,6 +53,8 @@ class Trial:
     phases: dict[str, dict] = field(default_factory=dict)
     seconds: float = 0.0
     traceback: str | None = None
+    objective: str = objectives.DEFAULT
+    objective_value: float | None = None
 
     @property
     def ok(self) -> bool:
@@ -57,8 +62,8 @@ class Trial:
 
     @property
     def score(self) -> float:
-        """The value BO maximizes; a failed trial scores the worst possible accuracy."""
-        return self.val_accuracy if self.ok else 0.0
+        """The value BO maximizes (`Objective.score`, in [0, 1]); a failed trial scores the worst, 0."""
+        return objectives.get(self.objective).score(self.objective_value) if self.ok else 0.0
 
     def to_record(self) -> dict[str, Any]:
         """The trial as one line of trials.jsonl (a failed trial's traceback included)."""
@@ -71,12 +76,15 @@ class Trial:
     @classmethod
     def from_record(cls, record: dict[str, Any]) -> Trial:
         names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{**{k: v for k, v in record.items() if k in names}, "status": TrialState(record["status"])})
+        fields = {k: v for k, v in record.items() if k in names}
+        if "objective_value" not in record:  # the first version scored validation accuracy
+            fields["objective_value"] = record.get("val_accuracy")
+        return cls(**{**fields, "status": TrialState(record["status"])})
 
 
 def best_trial(trials: Iterable[Trial]) -> Trial | None:
-    """Highest validation accuracy; ties (at 1.0, say) broken by lower validation loss."""
+    """The best score (the objective's value, in its direction); ties (at 1.0, say) broken by lower validation loss."""
     finished = [trial for trial in trials if trial.ok]
     if not finished:
         return None
-    return max(finished, key=lambda trial: (trial.val_accuracy, -trial.val_loss))
+    return max(finished, key=lambda trial: (trial.score, -trial.val_loss))
