@@ -14,6 +14,13 @@ no GPU, no download); the classification-block and overhead measurements use its
 VGG16 alone, the backbone that learns with random weights (no BatchNormalization).
 The input pipeline is also measured on the demo drawn at Kvasir's resolution (576 px
 JPEGs) at the thesis's 299 px, where decoding costs what it costs on real data.
+Fine-tuning is measured where the activation cache is meant to pay, at 224 px (the demo
+drawn at 224 px, a few images so that 2 cores run it in minutes): one trial per backbone
+(VGG16, ResNet50, DenseNet121) from cached activations, extraction included, vs on the
+fly, and a whole experiment with every cache on vs every cache off. It prints
+`finetune_cache_speedup=` (the geometric mean over the three backbones of the steady
+fine-tuning epoch's speedup, the first epoch being mostly tracing) and
+`whole_experiment_speedup=` before the last line.
 """
 
 from __future__ import annotations
@@ -22,11 +29,13 @@ import argparse
 import dataclasses
 import os
 import platform
+import math
 import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import date
 from pathlib import Path
 
@@ -37,16 +46,17 @@ import keras
 import pandas as pd
 import tensorflow as tf
 
-from tlopt import data, optimize
+from tlopt import activations, data, features, optimize
 from tlopt.backbones import (
     Preprocessing,
     build_transfer_model,
     default_delimiting_layer,
+    layer_count,
     set_delimiting_layer,
 )
 from tlopt.params import Experiment, load_params
-from tlopt.store import RunFolder
-from tlopt.training import LOSS, make_optimizer, train_block
+from tlopt.store import RunFolder, TrialFolder, TrialStore
+from tlopt.training import LOSS, fine_tune, make_optimizer, train_block
 
 import kerastuner_side
 
@@ -62,6 +72,18 @@ EXPERIMENT_TRIALS = (2, 1)
 KERASTUNER_TRIALS = (2, 2)
 # Five block trials of one backbone, as BO's initial design would draw them.
 HEAD_TRIALS = (("Adam", 1e-3), ("SGD", 1e-2), ("RMSprop", 3e-4), ("Nadam", 2e-3), ("Adagrad", 3e-2))
+# Fine-tuning and the whole experiment at a realistic input size: the demo drawn at 224 px,
+# 6 images a class (16 training and 8 validation images: one batch), so that 2 CPU cores
+# run it in minutes. Each fine-tuning trial runs 2 epochs: the first traces, the second is steady.
+REALISTIC_SIZE = 224
+REALISTIC_IMAGES_PER_CLASS = 6
+FINETUNE_BACKBONES = ("VGG16", "ResNet50", "DenseNet121")
+FINETUNE_EPOCHS = 2
+# The whole experiment at 224 px: a model optimization of the three backbones, random points
+# only (the same trials on both sides whatever the accuracies), 1 block : 5 fine-tuning epochs
+# (the thesis's 10 : 50).
+REALISTIC_TRIALS = 3
+REALISTIC_EPOCHS = (1, 5)
 
 
 def machine() -> str:
@@ -232,25 +254,125 @@ def trial_overhead(frame: pd.DataFrame, names: list[str], config: Experiment, ca
     return result
 
 
-def experiment(params: Experiment, frame: pd.DataFrame) -> tuple[float, float, float, int]:
+class EpochTimes(keras.callbacks.Callback):
+    """Wall seconds of each epoch (training and validation), watched from a run's observers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seconds: list[float] = []
+
+    def on_epoch_begin(self, epoch, logs=None) -> None:
+        self._started = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None) -> None:
+        self.seconds.append(time.perf_counter() - self._started)
+
+
+@contextmanager
+def timed(module, name: str) -> Iterator[list[float]]:
+    """Seconds of every call of `module.name` while the block runs (the caches' extraction)."""
+    original, spent = getattr(module, name), []
+
+    def measured(*args, **kwargs):
+        started = time.perf_counter()
+        try:
+            return original(*args, **kwargs)
+        finally:
+            spent.append(time.perf_counter() - started)
+
+    setattr(module, name, measured)
+    try:
+        yield spent
+    finally:
+        setattr(module, name, original)
+
+
+@dataclasses.dataclass(frozen=True)
+class FinetuneTimes:
+    """One fine-tuning trial of a backbone on the fly and from the activation cache (seconds).
+
+    `trial`: (cached, on the fly), the cached one extracting its cache first (`extraction`);
+    `epochs`: each side's epoch times, the first with its tracing; `cache_mb`: the cache's size.
+    """
+
+    trial: tuple[float, float]
+    epochs: tuple[list[float], list[float]]
+    extraction: float
+    cache_mb: float
+
+    @property
+    def steady(self) -> tuple[float, float]:
+        return self.epochs[0][-1], self.epochs[1][-1]
+
+
+def finetune_cache(frame: pd.DataFrame, names: list[str], config: Experiment, work: Path) -> dict[str, FinetuneTimes]:
+    """Per backbone, one fine-tuning trial from the default delimiting layer: activation cache vs on the fly.
+
+    Both read the decoded-image cache; the cached trial starts without an activation cache,
+    so it pays its extraction. The block's weights are the Dense layer's initial weights
+    (the block phase is not measured here).
+    """
+    measured = {}
+    for backbone in FINETUNE_BACKBONES:
+        cache_dir = work / f"cache-finetune-{backbone}"
+        data.cache_images(frame, config.data.image_size, cache_dir)
+        keras.utils.set_random_seed(config.seed)
+        model, _ = build_transfer_model(backbone, len(names), config.data.image_size, None)
+        block_weights = TrialFolder(work / f"block-{backbone}").weights("block")
+        block_weights.parent.mkdir(parents=True, exist_ok=True)
+        features.head_of(model).save_weights(block_weights)
+        keras.backend.clear_session()
+        index = default_delimiting_layer(layer_count(backbone), config.training.default_delimiting_fraction)
+        seconds, epochs = {}, {}
+        with timed(activations, "extract") as extraction:
+            for cached in (False, True):
+                watch = EpochTimes()
+                started = time.perf_counter()
+                fine_tune(backbone, "Adam", 1e-4, index, block_weights, frame, names,
+                          work / f"finetune-{backbone}-{cached}",
+                          config.updated({"training.activation_cache": cached}), cache_dir, observers=[watch])
+                seconds[cached], epochs[cached] = time.perf_counter() - started, watch.seconds
+        size = sum(path.stat().st_size for path in cache_dir.glob("activations-*.npy")) / 1e6
+        measured[backbone] = FinetuneTimes((seconds[True], seconds[False]), (epochs[True], epochs[False]),
+                                           sum(extraction), size)
+    return measured
+
+
+@dataclasses.dataclass(frozen=True)
+class ExperimentTimes:
+    """A whole experiment's wall and CPU seconds, best validation accuracy, cache files written,
+    the seconds its caches spent extracting (pooled features, activations) and the backbones its trials drew."""
+
+    seconds: float
+    cpu_seconds: float
+    best: float
+    cache_files: int
+    feature_extraction: float
+    activation_extraction: float
+    backbones: list[str]
+
+
+def experiment(params: Experiment, frame: pd.DataFrame) -> ExperimentTimes:
     """Every strategy and layer optimization of `params` in a new run folder.
 
-    Returns wall seconds, CPU seconds of the process, the best final validation
-    accuracy, and how many cache files (`images-*.npy`, `features-*.npy`) the run folder
-    holds afterwards: none means that the switches did not reach the training runs.
+    The cache files counted are `images-*`, `features-*` and `activations-*.npy`: none means
+    that the switches did not reach the training runs.
     """
     run = RunFolder.open(params)
     data.write_manifest(frame, run.split_file)
     started, cpu_started = time.perf_counter(), time.process_time()
     finals = []
-    for strategy in params.strategies:
-        best = optimize.run_strategy(params, strategy, run, progress=False)
-        if params.layer_optimization.enabled:
-            best = optimize.run_layer_optimization(params, strategy, run, progress=False)
-        finals.append(best.val_accuracy)
+    with timed(features, "pooled_features") as pooled, timed(activations, "extract") as extracted:
+        for strategy in params.strategies:
+            best = optimize.run_strategy(params, strategy, run, progress=False)
+            if params.layer_optimization.enabled:
+                best = optimize.run_layer_optimization(params, strategy, run, progress=False)
+            finals.append(best.val_accuracy)
     seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
-    cache_files = [path for pattern in ("images-*.npy", "features-*.npy") for path in run.path.rglob(pattern)]
-    return seconds, cpu_seconds, max(finals), len(cache_files)
+    cache_files = [path for pattern in ("images-*.npy", "features-*.npy", "activations-*.npy")
+                   for path in run.path.rglob(pattern)]
+    drawn = [trial.setup.get("backbone", "") for trial in TrialStore(run.trials_file).records()]
+    return ExperimentTimes(seconds, cpu_seconds, max(finals), len(cache_files), sum(pooled), sum(extracted), drawn)
 
 
 def ratio(numerator: float, denominator: float) -> str:
@@ -326,8 +448,30 @@ def main(argv: list[str] | None = None) -> int:
             experiments[state] = experiment(demo_params(work, f"experiment-caches-{state}", {
                 "bo.initial_points": EXPERIMENT_TRIALS[0], "bo.iterations": EXPERIMENT_TRIALS[1],
                 "strategies": ["shared"],
-                "data.image_cache": caches, "training.feature_cache": caches,
+                "data.image_cache": caches, "training.feature_cache": caches, "training.activation_cache": caches,
             }), frame)
+
+        realistic = demo_params(work, "realistic", {
+            "data.root": str(work / "realistic"), "data.demo.image_size": REALISTIC_SIZE,
+            "data.demo.images_per_class": REALISTIC_IMAGES_PER_CLASS, "data.image_size": REALISTIC_SIZE,
+        })
+        realistic_frame = data.prepare_split(realistic, work / "split-realistic")
+        print(f"fine-tuning at {REALISTIC_SIZE} px, activation cache vs on the fly "
+              f"({', '.join(FINETUNE_BACKBONES)}) ...", flush=True)
+        finetunes = finetune_cache(realistic_frame, data.class_names(realistic_frame), realistic.updated({
+            "training.finetune_epochs": FINETUNE_EPOCHS, "training.nonconvergence.enabled": False,
+        }), work / "finetune")
+        realistic_experiments = {}
+        for caches in (False, True):
+            state = "on" if caches else "off"
+            print(f"whole experiment at {REALISTIC_SIZE} px, caches {state} ...", flush=True)
+            realistic_experiments[state] = experiment(realistic.updated({
+                "run_name": f"realistic-caches-{state}", "backbones": list(FINETUNE_BACKBONES), "strategies": ["shared"],
+                "layer_optimization.enabled": False,
+                "bo.initial_points": REALISTIC_TRIALS, "bo.iterations": 0,
+                "training.block_epochs": REALISTIC_EPOCHS[0], "training.finetune_epochs": REALISTIC_EPOCHS[1],
+                "data.image_cache": caches, "training.feature_cache": caches, "training.activation_cache": caches,
+            }), realistic_frame)
 
         side = kerastuner_side.comparable(demo_params(work, "kerastuner-side"), *KERASTUNER_TRIALS)
         search = kerastuner_side.Search.from_params(side)
@@ -335,8 +479,13 @@ def main(argv: list[str] | None = None) -> int:
         tl = kerastuner_side.run_tlopt(side, frame)
         kt = kerastuner_side.run_kerastuner(search, frame, work / "kerastuner")
 
-    on_seconds, on_cpu, on_best, on_files = experiments["on"]
-    off_seconds, off_cpu, off_best, _ = experiments["off"]
+    on, off = experiments["on"], experiments["off"]
+    on_seconds, on_cpu, on_best, on_files = on.seconds, on.cpu_seconds, on.best, on.cache_files
+    off_seconds, off_cpu, off_best = off.seconds, off.cpu_seconds, off.best
+    real_on, real_off = realistic_experiments["on"], realistic_experiments["off"]
+    extraction = real_on.feature_extraction + real_on.activation_extraction
+    train_images = int((realistic_frame["split"] == "train").sum())
+    val_images = int((realistic_frame["split"] == "val").sum())
     rows = [
         "| measurement | tlopt | without / other | ratio | target |",
         "|---|---|---|---|---|",
@@ -353,6 +502,23 @@ def main(argv: list[str] | None = None) -> int:
         f"{on_files} cache files in the cached run's folder; one run each; CPU time {on_cpu:.0f} s vs "
         f"{off_cpu:.0f} s ({ratio(off_cpu, on_cpu)}) | {on_seconds:.0f} s | {off_seconds:.0f} s "
         f"| {ratio(off_seconds, on_seconds)} | |",
+        *(f"| fine-tuning trial of {backbone} at {REALISTIC_SIZE} px from its default delimiting layer "
+          f"({FINETUNE_EPOCHS} epochs of {train_images} + {val_images} images; the demo drawn at {REALISTIC_SIZE} px, "
+          f"random weights): activation cache, extraction included ({times.extraction:.1f} s, {times.cache_mb:.0f} MB) "
+          f"vs on the fly; first epoch (tracing) {times.epochs[0][0]:.1f} s vs {times.epochs[1][0]:.1f} s, steady epoch "
+          f"{times.steady[0]:.2f} s vs {times.steady[1]:.2f} s ({ratio(times.steady[1], times.steady[0])}) "
+          f"| {times.trial[0]:.1f} s | {times.trial[1]:.1f} s | {ratio(times.trial[1], times.trial[0])} | |"
+          for backbone, times in finetunes.items()),
+        f"| whole experiment at {REALISTIC_SIZE} px, all caches on vs all off: the demo drawn at {REALISTIC_SIZE} px "
+        f"({train_images} + {val_images} images), strategy `shared`, model optimization of "
+        f"{', '.join(FINETUNE_BACKBONES)}, {REALISTIC_TRIALS} random trials (drawn: {', '.join(real_on.backbones)}), "
+        f"{REALISTIC_EPOCHS[0]} block : {REALISTIC_EPOCHS[1]} fine-tuning epochs; best val accuracy "
+        f"{real_on.best:.2f} (on) vs {real_off.best:.2f} (off); {real_on.cache_files} cache files; the cached run spent "
+        f"{real_on.feature_extraction:.0f} s extracting pooled features and {real_on.activation_extraction:.0f} s "
+        f"activations, {real_on.seconds - extraction:.0f} s on the rest (model builds, tracing, the trainable "
+        f"layers' passes and optimizer updates); one run each; CPU time {real_on.cpu_seconds:.0f} s vs "
+        f"{real_off.cpu_seconds:.0f} s | {real_on.seconds:.0f} s | {real_off.seconds:.0f} s "
+        f"| {ratio(real_off.seconds, real_on.seconds)} | >= 2x |",
         f"| per-trial overhead on the fly: 2 model builds + 2 compiles + first-step tracing vs training "
         f"{block_epochs} block + {finetune_epochs} fine-tuning epochs | {overhead['overhead']:.1f} s "
         f"| {overhead['training']:.1f} s | {overhead['overhead'] / overhead['training']:.2f} | |",
@@ -377,6 +543,9 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_doc:
         write_doc(DOC, table, description)
         print(f"written to {DOC.relative_to(REPO)}")
+    steady = [times.steady[1] / times.steady[0] for times in finetunes.values()]
+    print(f"finetune_cache_speedup={math.prod(steady) ** (1 / len(steady)):.2f}")
+    print(f"whole_experiment_speedup={real_off.seconds / real_on.seconds:.2f}")
     print(f"head_cache_speedup={head_off / head_on:.2f}")
     return 0
 

@@ -41,6 +41,7 @@ def test_thesis_files_are_faithful(dataset, folder):
     assert (data.manifest, data.group_by, data.external_test) == (None, "filename", None)
     assert training.default_delimiting_fraction == pytest.approx(2 / 3)
     assert not training.feature_cache, "the thesis trained the block on flipped images, not cached features"
+    assert not training.activation_cache, "the thesis fine-tuned through the frozen layers in every epoch"
     assert (bo.method, bo.initial_points, bo.iterations, bo.acquisition) == ("bayesian", 5, 10, "EI")
     assert (bo.encoding, bo.eps, bo.per_backbone) == ("index", 1e-8, False)
     assert params.strategies == ["shared", "separate_hyperparameters", "separate_optimizations"]

@@ -5,7 +5,7 @@ BatchNormalization in inference mode. What the frozen part computes for an image
 depends only on the image and its flip (the thesis's one augmentation, four outcomes), so
 it is the same in every epoch and every trial with the same backbone and L. The
 frozen-feature cache (`tlopt.features`) is the case L = number of layers; this is the
-general one (docs/method.md, "The activation cache").
+general one (docs/method.md section 2.3).
 
 The frozen part hands the trainable part every frozen tensor that a trainable layer
 consumes: one tensor in a chain of layers (VGG), more where a residual shortcut, a dense

@@ -421,12 +421,12 @@ def _upper_on_cached_activations(
     cut = activations.find_cut(base, delimiting_layer)
     train_rows, val_rows = _rows(frame, "train"), _rows(frame, "val")
     reason = activations.unusable(backbone, cut, len(train_rows), len(val_rows), config)
-    cache = _image_cache(frame, config, cache_dir)
     if reason is not None:
         warnings.warn(f"fine-tuning runs on the fly, without the activation cache: {reason}", RuntimeWarning)
         return model, _datasets(frame, class_names, config, cache_dir)
     return activations.fine_tuning_datasets(
-        model, base, cut, backbone, train_rows, val_rows, class_names, config, cache_dir, cache
+        model, base, cut, backbone, train_rows, val_rows, class_names, config, cache_dir,
+        _image_cache(frame, config, cache_dir),
     )
 
 
