@@ -118,6 +118,27 @@ class LayerOptimization(_Section):
     delimiting: Literal["index", "fraction"] = "index"
 
 
+class Execution(_Section):
+    """How many trials of a BO step run at once, and where (docs/method.md section 4.1).
+
+    `parallel_trials` and `schedule` decide the points a step evaluates; the other keys
+    only say where its trials run (a resumed run may change them).
+    """
+
+    parallel_trials: int = Field(1, ge=1)
+    ray_address: str | None = None
+    gpus_per_trial: float | None = Field(None, ge=0)
+    cpus_per_trial: float | None = Field(None, gt=0)
+    schedule: Literal["ordered", "asap"] = "ordered"
+
+    @field_validator("gpus_per_trial")
+    @classmethod
+    def _whole_above_one(cls, value: float | None) -> float | None:
+        if value is not None and value > 1 and value != int(value):
+            raise ValueError(f"a trial takes a fraction of one GPU or whole GPUs (got {value})")
+        return value
+
+
 class Experiment(_Section):
     """A whole parameter file, validated, every default filled and every path absolute."""
 
@@ -134,6 +155,7 @@ class Experiment(_Section):
     bo: BayesianOptimization = BayesianOptimization()
     strategies: list[str] = Field(default_factory=lambda: list(THESIS_STRATEGIES), min_length=1)
     layer_optimization: LayerOptimization = LayerOptimization()
+    execution: Execution = Execution()
 
     @field_validator("backbones")
     @classmethod
