@@ -95,11 +95,22 @@ def end_processes(pids: list[int], grace: float = 5.0) -> None:
             continue
 
 
+def end_processes_of(ray_root: Path) -> list[int]:
+    """End every process started with `ray_root`, by pid, again while Ray spawns new ones as others end
+    (a raylet replaces a dead worker); the pids that are still there after a few rounds."""
+    for _ in range(4):
+        pids = processes_of(ray_root)
+        if not pids:
+            return []
+        end_processes(pids)
+    return processes_of(ray_root)
+
+
 @pytest.fixture
 def ray_root():
     """A temporary directory for Ray (short: Ray's socket paths must fit in 107 bytes); afterwards every
     process started with it is ended, by pid."""
     root = Path(tempfile.mkdtemp(prefix="tlopt-ray-", dir="/tmp"))
     yield root
-    end_processes(processes_of(root))
+    end_processes_of(root)
     shutil.rmtree(root, ignore_errors=True)

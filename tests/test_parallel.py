@@ -77,7 +77,7 @@ def params(tmp_path, schedule="ordered", slots=3, **bo_settings):
         "run_name": "p", "results_dir": str(tmp_path / "results"),
         "data": {"root": str(tmp_path / "data"), "image_size": 32},
         "backbones": ["VGG16", "ResNet50"], "optimizers": ["SGD", "Adam"],
-        "bo": {"initial_points": 3, "iterations": 5, **bo_settings},
+        "bo": {"initial_points": 3, "iterations": 3, **bo_settings},
         "execution": {"parallel_trials": slots, "schedule": schedule},
     })
 
@@ -98,10 +98,11 @@ def shared_step(config, executor_for):
 @pytest.mark.parametrize("schedule", ["ordered", "asap"])
 def test_ordered_points_do_not_depend_on_the_order_trials_finish_in(tmp_path, schedule):
     points = {}
-    for name, order in (("first", first), ("last", last), ("shuffled", shuffled(3))):
+    orders = (("first", first), ("last", last), ("shuffled", shuffled(3)))
+    for name, order in orders if schedule == "ordered" else orders[:2]:
         trials, _ = shared_step(params(tmp_path / name, schedule),
                                 lambda objective: ScriptedExecutor(objective, 3, order))
-        assert sorted(trials) == list(range(8)), "the budget is exact"
+        assert sorted(trials) == list(range(6)), "the budget is exact"
         points[name] = {index: trial.x for index, trial in trials.items()}
         for index, trial in trials.items():
             assert (trial.parallel_trials, trial.schedule) == (3, schedule)
@@ -142,7 +143,7 @@ def test_a_constant_liar_gives_k_distinct_points_where_the_plain_gp_repeats_one(
 
 
 def test_the_points_running_together_are_distinct(tmp_path):
-    config = params(tmp_path, slots=3, initial_points=2, iterations=6)
+    config = params(tmp_path, slots=3, initial_points=2, iterations=4)
     run = RunFolder.open(config)
     data.write_manifest(pd.DataFrame({"path": ["/a.jpg"], "label": ["a"], "group": ["a"], "split": ["train"]}),
                         run.split_file)
@@ -150,8 +151,8 @@ def test_the_points_running_together_are_distinct(tmp_path):
     optimize.run_step(ctx, "shared", "layers", LAYERS, peak_at_six,
                       executor=ScriptedExecutor(peak_at_six, 3, shuffled(0)))
     trials = {trial.index: trial for trial in run.trials.records()}
-    assert sorted(trials) == list(range(8))
-    assert [len(trials[index].pending) for index in range(2, 8)] == [1] + [2] * 5
+    assert sorted(trials) == list(range(6))
+    assert [len(trials[index].pending) for index in range(2, 6)] == [1] + [2] * 3
     for trial in trials.values():
         together = [trial.x] + [trials[index].x for index in trial.pending]
         assert len({tuple(x) for x in together}) == len(together), trial.id
@@ -159,29 +160,29 @@ def test_the_points_running_together_are_distinct(tmp_path):
 
 @pytest.mark.parametrize("schedule", ["ordered", "asap"])
 def test_resume_with_trials_running_at_the_kill(tmp_path, schedule):
-    reference, _ = shared_step(params(tmp_path / "ref", schedule),
-                               lambda objective: ScriptedExecutor(objective, 3, first))
     config = params(tmp_path / "cut", schedule)
     with pytest.raises(Killed):
-        shared_step(config, lambda objective: ScriptedExecutor(objective, 3, last, kill_after=4))
+        shared_step(config, lambda objective: ScriptedExecutor(objective, 3, last, kill_after=3))
     store = RunFolder.of(config).trials
     finished_before = {trial.id for trial in store.records()}
     issued = {trial.id: trial for trial in store.unfinished("shared", "model")}
-    assert len(finished_before) == 4 and len(issued) >= 2
+    assert len(finished_before) == 3 and len(issued) >= 1
     assert all(trial.status == TrialState.ISSUED and trial.val_accuracy is None for trial in issued.values())
 
     trials, resumed = shared_step(config, lambda objective: ScriptedExecutor(objective, 3, first))
     ran_again = [request.id for request in resumed.submitted]
-    assert sorted(trials) == list(range(8)) and not store.unfinished("shared", "model")
+    assert sorted(trials) == list(range(6)) and not store.unfinished("shared", "model")
     assert finished_before.isdisjoint(ran_again), "a finished trial ran again"
     assert ran_again[:len(issued)] == sorted(issued), "the trials running at the kill run first, by index"
     for trial_id, before in issued.items():
         after = next(trial for trial in trials.values() if trial.id == trial_id)
         assert (after.x, after.based_on, after.pending) == (before.x, before.based_on, before.pending)
-    if schedule == "ordered":
+    if schedule == "ordered":  # the points of an uninterrupted run, whose trials end in another order
+        reference, _ = shared_step(params(tmp_path / "ref", schedule),
+                                   lambda objective: ScriptedExecutor(objective, 3, first))
         assert {i: t.x for i, t in trials.items()} == {i: t.x for i, t in reference.items()}
     lines = store.path.read_text().splitlines()
-    assert len(lines) == 8 + len(finished_before) + len(issued) + len(ran_again), \
+    assert len(lines) == 6 + len(finished_before) + len(issued) + len(ran_again), \
         "a record when a trial is issued (again, after the kill) and one when it finishes"
 
 
@@ -199,7 +200,7 @@ def test_ordered_resume_refuses_an_issued_point_its_trials_no_longer_give(tmp_pa
 
 def test_one_slot_is_the_loop_of_the_first_version(tmp_path):
     """`execution.parallel_trials: 1` is the default loop: the same records, with the first version's fields."""
-    default = params(tmp_path / "default", slots=1)
+    default = params(tmp_path / "default", slots=1, iterations=1)
     explicit = tmp_path / "explicit.yaml"
     explicit.write_text(yaml.safe_dump({**default.to_dict(), "results_dir": str(tmp_path / "explicit"),
                                         "execution": {"parallel_trials": 1}}))
@@ -212,7 +213,7 @@ def test_one_slot_is_the_loop_of_the_first_version(tmp_path):
         runs.append([{key: value for key, value in trial.to_record().items()
                       if key not in ("started_at", "seconds", "weights", "phases", "setup")}
                      for trial in run.trials.records()])
-    assert runs[0] == runs[1] and len(runs[0]) == 8
+    assert runs[0] == runs[1] and len(runs[0]) == 4
     first_version = yaml.safe_load((REPOSITORY / "tests" / "data" / "run-0.1.0" / "complete-trials.jsonl")
                                    .read_text().splitlines()[0])
     lines = (tmp_path / "explicit" / "p" / "trials.jsonl").read_text().splitlines()

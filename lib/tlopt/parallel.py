@@ -200,15 +200,17 @@ class RayExecutor:
         """Start Ray in this process (this machine's CPUs and visible GPUs), or join the cluster at the address."""
         quiet = dict(logging_level="ERROR", log_to_driver=False)
         address = self.execution.ray_address
-        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no usage report from a Ray started for tlopt
         try:
             if address:
                 ray.init(address=address, **quiet)
             else:
                 ray.init(num_cpus=os.cpu_count(), include_dashboard=False, **quiet)
-        except Exception as error:  # noqa: BLE001 - Ray raises plain Exceptions and ConnectionErrors
+        except BaseException as error:  # Ray raises plain Exceptions and ConnectionErrors; or an interrupt
             if ray.is_initialized():
                 ray.shutdown()
+            if not isinstance(error, Exception):
+                raise
             if address:
                 raise TloptError(
                     f"cannot join the Ray cluster at {address} (execution.ray_address): {_one_line(error)}; "
