@@ -158,7 +158,8 @@ class RayExecutor:
         try:
             return ray.get(ready[0])
         except ray.exceptions.RayError as error:  # the worker died (killed, out of memory) or could not start
-            return self.failed(request, _one_line(error), time.time() - submitted)
+            # A task that raised outside the trial's own handling carries the original exception as its cause.
+            return self.failed(request, _one_line(getattr(error, "cause", None) or error), time.time() - submitted)
 
     def close(self) -> None:
         """Cancel the trials still running (their workers are killed) and shut down a Ray started here."""
