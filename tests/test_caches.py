@@ -42,8 +42,10 @@ def _epoch(dataset: tf.data.Dataset | features.FeatureBatches) -> tuple[np.ndarr
 
 
 def _cache_files(folder) -> dict[str, tuple[int, int]]:
-    """Name -> (inode, modification time) of every file in `folder`, temporary ones included."""
-    return {entry.name: (entry.stat().st_ino, entry.stat().st_mtime_ns) for entry in os.scandir(folder)}
+    """Name -> (inode, modification time) of every file in `folder`, temporary ones included (not the
+    empty lock files that let one process build a cache while others wait)."""
+    return {entry.name: (entry.stat().st_ino, entry.stat().st_mtime_ns) for entry in os.scandir(folder)
+            if not entry.name.endswith(".lock")}
 
 
 # The decoded-image cache

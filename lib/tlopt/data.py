@@ -33,7 +33,7 @@ from PIL import Image
 from sklearn.model_selection import train_test_split
 
 from tlopt.errors import DataError
-from tlopt.files import atomic_path, atomic_write_json, atomic_write_text, read_json
+from tlopt.files import atomic_path, atomic_write_json, atomic_write_text, build_once, read_json
 from tlopt.params import Experiment
 from tlopt.store import RunFolder
 
@@ -710,30 +710,29 @@ class ImageCache:
         return positions
 
 
-def _build_image_cache(paths: list[str], image_size: int, path: Path) -> None:
-    """Decode every image once (in parallel) into a new .npy file, renamed into place at the end."""
+def _build_image_cache(paths: list[str], image_size: int, temporary: Path) -> None:
+    """Decode every image once (in parallel) into a new .npy file (`build_once` renames it into place)."""
     decoded = (
         tf.data.Dataset.from_tensor_slices(paths)
         .map(lambda file: _load_image(file, image_size), num_parallel_calls=tf.data.AUTOTUNE)
         .batch(64)
         .prefetch(tf.data.AUTOTUNE)
     )
-    with atomic_path(path, suffix=".npy") as temporary:
-        pixels = np.lib.format.open_memmap(
-            temporary, mode="w+", dtype=np.uint8, shape=(len(paths), image_size, image_size, 3)
-        )
-        start = 0
-        try:
-            for batch in decoded.as_numpy_iterator():
-                pixels[start : start + len(batch)] = batch
-                start += len(batch)
-        except tf.errors.InvalidArgumentError as error:
-            raise DataError(
-                f"an image does not decode while building the image cache (find_bad_images lists "
-                f"such files): {error.message.splitlines()[0]}"
-            ) from None
-        pixels.flush()
-        del pixels
+    pixels = np.lib.format.open_memmap(
+        temporary, mode="w+", dtype=np.uint8, shape=(len(paths), image_size, image_size, 3)
+    )
+    start = 0
+    try:
+        for batch in decoded.as_numpy_iterator():
+            pixels[start : start + len(batch)] = batch
+            start += len(batch)
+    except tf.errors.InvalidArgumentError as error:
+        raise DataError(
+            f"an image does not decode while building the image cache (find_bad_images lists "
+            f"such files): {error.message.splitlines()[0]}"
+        ) from None
+    pixels.flush()
+    del pixels
 
 
 def cache_images(frame: pd.DataFrame, image_size: int, cache_dir: str | os.PathLike) -> ImageCache:
@@ -742,12 +741,11 @@ def cache_images(frame: pd.DataFrame, image_size: int, cache_dir: str | os.PathL
     One file `images-<size>-<key>.npy` in `cache_dir` holds every image of the frame, so
     that the training, validation and test rows of a manifest, every epoch and every trial
     share one decoding. The key (`files_key`) changes with the set of images, their files
-    and the size; an unchanged manifest reuses the file.
+    and the size; an unchanged manifest reuses the file. Concurrent trials build it once.
     """
     paths = sorted(set(frame["path"]))
     path = Path(cache_dir) / f"images-{image_size}-{files_key(paths, image_size)}.npy"
-    if not path.is_file():
-        _build_image_cache(paths, image_size, path)
+    build_once(path, lambda temporary: _build_image_cache(paths, image_size, temporary), suffix=".npy")
     return ImageCache(path, image_size, pd.Index(paths), np.load(path, mmap_mode="r"))
 
 

@@ -31,7 +31,7 @@ import pandas as pd
 import tensorflow as tf
 
 from tlopt import data
-from tlopt.files import atomic_path
+from tlopt.files import build_once
 from tlopt.params import Experiment
 
 ALL_FLIPS: tuple[int, ...] = tuple(range(len(data.FLIP_VARIANTS)))
@@ -80,23 +80,22 @@ def pooled_features(
     steps: decoded (or read from `image_cache`) and flipped; the model's first layer
     preprocesses them.
     """
-    path = features_path(backbone, rows, variants, config, cache_dir)
-    if path.is_file():
-        return np.load(path)
-    extractor = keras.Model(model.inputs, model.get_layer("pool").output)
-    images = data.make_dataset(
-        rows, class_names, config.data.image_size, config.data.batch_size, False, config.seed, image_cache
-    )
+    def extract(temporary: Path) -> None:
+        extractor = keras.Model(model.inputs, model.get_layer("pool").output)
+        images = data.make_dataset(
+            rows, class_names, config.data.image_size, config.data.batch_size, False, config.seed, image_cache
+        )
 
-    def flipped(variant: int) -> tf.data.Dataset:
-        return images.map(lambda batch, _: data.flip_images(batch, variant))
+        def flipped(variant: int) -> tf.data.Dataset:
+            return images.map(lambda batch, _: data.flip_images(batch, variant))
 
-    # One predict call for all variants: each call of a new dataset traces the model again.
-    every_variant = functools.reduce(tf.data.Dataset.concatenate, map(flipped, variants))
-    vectors = extractor.predict(every_variant, verbose=0).astype(np.float32).reshape(len(variants), len(rows), -1)
-    with atomic_path(path, suffix=".npy") as temporary:
-        np.save(temporary, vectors)
-    return vectors
+        # One predict call for all variants: each call of a new dataset traces the model again.
+        every_variant = functools.reduce(tf.data.Dataset.concatenate, map(flipped, variants))
+        vectors = extractor.predict(every_variant, verbose=0).astype(np.float32)
+        np.save(temporary, vectors.reshape(len(variants), len(rows), -1))
+
+    # Concurrent trials of one backbone extract once; the others wait and read the file.
+    return np.load(build_once(features_path(backbone, rows, variants, config, cache_dir), extract, suffix=".npy"))
 
 
 def initial_head_path(backbone: str, num_classes: int, config: Experiment, cache_dir: str | os.PathLike) -> Path:
@@ -114,11 +113,12 @@ def keep_initial_head(model: keras.Model, backbone: str, config: Experiment, cac
     without building the backbone (`initial_head_weights`).
     """
     dense = model.get_layer("predictions")
-    path = initial_head_path(backbone, dense.units, config, cache_dir)
-    if not path.is_file():
+
+    def keep(temporary: Path) -> None:
         kernel, bias = dense.get_weights()
-        with atomic_path(path, suffix=".npz") as temporary:
-            np.savez(temporary, kernel=kernel, bias=bias)
+        np.savez(temporary, kernel=kernel, bias=bias)
+
+    build_once(initial_head_path(backbone, dense.units, config, cache_dir), keep, suffix=".npz")
 
 
 def initial_head_weights(
