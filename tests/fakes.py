@@ -1,12 +1,16 @@
 """A fake trainer: the `training` module's interface with a known, cheap score.
 
 Strategy and optimizer tests inject it to check what reaches which phase and
-how the BO loop behaves, without training a network.
+how the BO loop behaves, without training a network. It pickles, so that Ray workers
+run it too (with tests/ on their PYTHONPATH); there `calls` stays in the worker.
 """
 
 from __future__ import annotations
 
 import math
+import os
+import signal
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,9 +50,20 @@ def peaked_score(backbone: str, optimizer: str, learning_rate: float, layer: int
     return value + 0.0001 * layer
 
 
+@dataclass(frozen=True)
+class TrialIs:
+    """A picklable `fail_when`/`die_when`: true for the calls of one trial (by its id)."""
+
+    trial_id: str
+
+    def __call__(self, call: dict) -> bool:
+        return call["run_dir"].name == self.trial_id
+
+
 @dataclass
 class FakeTrainer:
-    """Records every call; `fail_when(call)` makes a phase raise like a crashed run.
+    """Records every call; `fail_when(call)` makes a phase raise like a crashed run, `die_when(call)`
+    kills the process with SIGKILL (like the out-of-memory killer); each phase lasts `seconds`.
 
     `score(backbone, optimizer, rate, layer)` is a run's accuracy, `measures(accuracy, call)`
     every objective's value, of which the result reports the parameter file's objective.
@@ -58,8 +73,13 @@ class FakeTrainer:
     fail_when: object = None
     score: object = peaked_score
     measures: object = lambda accuracy, call: measures(accuracy)
+    die_when: object = None
+    seconds: float = 0.0
 
     def _maybe_fail(self, call: dict) -> None:
+        time.sleep(self.seconds)
+        if self.die_when is not None and self.die_when(call):
+            os.kill(os.getpid(), signal.SIGKILL)
         if self.fail_when is not None and self.fail_when(call):
             raise FloatingPointError("loss became NaN")
 

@@ -104,8 +104,9 @@ def check_kernel() -> None:
 def restrict_gpus(count: int) -> None:
     """Make only the first `count` GPUs visible to the notebooks' kernels (0: CPU only).
 
-    The kernels inherit this process's environment. Trials run one after another, and
-    TensorFlow trains each on the first visible GPU, so more than one GPU is not faster.
+    The kernels inherit this process's environment, and so does the Ray that a parallel
+    step starts in a kernel: its trials share these GPUs (`execution.gpus_per_trial`).
+    One trial at a time trains on the first visible GPU only.
     """
     available = os.environ.get("CUDA_VISIBLE_DEVICES")
     devices = available.split(",") if available else [str(index) for index in range(count)]
@@ -133,7 +134,8 @@ def native_stderr_silenced():
 
 
 class TrialPrinter(threading.Thread):
-    """Prints a line for every trial that a notebook finishes (a search runs for hours)."""
+    """Prints a line for every trial that a notebook finishes (a search runs for hours); the store's
+    `records` are the finished trials only, so trials issued to Ray and still running are not printed."""
 
     def __init__(self, trials: TrialStore):
         super().__init__(daemon=True)
@@ -222,6 +224,10 @@ def open_run_dir(args: argparse.Namespace) -> tuple[Experiment, RunFolder, TextI
     lock: TextIO | None = None
     if args.no_nonconvergence_filter:
         overrides["training.nonconvergence.enabled"] = False
+    if args.parallel is not None:
+        overrides["execution.parallel_trials"] = args.parallel
+    if args.ray_address is not None:
+        overrides["execution.ray_address"] = args.ray_address
     if args.resume:
         resumed = RunFolder(Path(args.resume).resolve())
         if not resumed.params_file.is_file():
@@ -354,7 +360,11 @@ def parser() -> argparse.ArgumentParser:
     run_parser.add_argument("--no-nonconvergence-filter", action="store_true",
                             help="switch nonconvergence filtering off (training.nonconvergence.enabled)")
     run_parser.add_argument("--gpus", type=int, metavar="N",
-                            help="make only the first N GPUs visible (0: CPU only); trials use one at a time")
+                            help="make only the first N GPUs visible (0: CPU only); parallel trials share them")
+    run_parser.add_argument("--parallel", type=int, metavar="K",
+                            help="run K trials of each BO step at once, on Ray (execution.parallel_trials)")
+    run_parser.add_argument("--ray-address", metavar="ADDR",
+                            help="join the Ray cluster at ADDR (execution.ray_address) instead of starting Ray here")
     run_parser.set_defaults(handler=run)
 
     report_parser = commands.add_parser("report", help="render <run>/report.html from the executed notebooks")
@@ -405,6 +415,8 @@ def main(argv: list[str] | None = None) -> int:
         command_line.error("--data-root and --external-test move a resumed run's data: use them with --resume")
     if getattr(args, "gpus", None) is not None and args.gpus < 0:
         command_line.error("--gpus must be 0 or more")
+    if getattr(args, "parallel", None) is not None and args.parallel < 1:
+        command_line.error("--parallel must be 1 or more")
     try:
         return args.handler(args)
     except TloptError as error:

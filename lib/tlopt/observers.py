@@ -1,7 +1,7 @@
 """What watches a BO step: GPyOpt's files, the figures, the progress bar.
 
 The loop in `tlopt.optimize` asks, runs and tells; everything else observes it through
-four hooks, each a no-op unless a subclass overrides it (after KerasTuner's
+five hooks, each a no-op unless a subclass overrides it (after KerasTuner's
 `on_trial_begin/end`). The notebooks' live figure (`tlopt.live`) is one more observer.
 """
 
@@ -16,6 +16,7 @@ from tlopt import bo, objectives, plots
 from tlopt.files import save_figure
 from tlopt.params import BayesianOptimization
 from tlopt.space import SearchSpace
+from tlopt.store import TrialFolder
 from tlopt.trials import Trial, best_trial
 
 
@@ -25,6 +26,8 @@ class StepProgress:
 
     `X` holds the GPyOpt rows of the finished trials in finishing order, `Y` their negated
     scores (GPyOpt minimizes); `objective` names what the scores measure (`tlopt.objectives`).
+    `running` maps the id of each trial that runs now to its folder (several at once in a
+    parallel step).
     """
 
     label: str
@@ -36,6 +39,7 @@ class StepProgress:
     Y: np.ndarray
     done: list[Trial] = field(default_factory=list)
     objective: str = objectives.DEFAULT
+    running: dict[str, TrialFolder] = field(default_factory=dict)
 
     @property
     def budget(self) -> int:
@@ -49,12 +53,19 @@ class StepProgress:
 
 
 class StepObserver:
-    """Hooks of a BO step; `step_end` is also called when the step stops with an error (reason None)."""
+    """Hooks of a BO step; `step_end` is also called when the step stops with an error (reason None).
+
+    `trials_running` is called every few seconds while trials run in other processes
+    (a parallel step), so that an observer can follow them through their files.
+    """
 
     def step_begin(self, progress: StepProgress) -> None:
         pass
 
     def trial_begin(self, progress: StepProgress, trial_id: str) -> None:
+        pass
+
+    def trials_running(self, progress: StepProgress) -> None:
         pass
 
     def trial_end(self, progress: StepProgress, trial: Trial) -> None:
@@ -92,7 +103,7 @@ class SurrogatePlot(StepObserver):
 
 
 class ProgressBar(StepObserver):
-    """A tqdm bar over the step's trials with the objective's best value so far."""
+    """A tqdm bar over the step's finished trials, with the running ones and the objective's best value so far."""
 
     def __init__(self) -> None:
         self.bar = None
@@ -103,10 +114,17 @@ class ProgressBar(StepObserver):
         self.bar = tqdm(total=progress.budget, initial=len(progress.done), desc=f"{progress.label}/{progress.step}",
                         unit="trial", leave=True)
 
-    def trial_end(self, progress: StepProgress, trial: Trial) -> None:
+    def _postfix(self, progress: StepProgress) -> None:
         best = best_trial(progress.done)
         key = objectives.get(progress.objective).key
-        self.bar.set_postfix({f"best {key}": f"{best.objective_value:.3f}" if best else "n/a"})
+        self.bar.set_postfix({"running": len(progress.running),
+                              f"best {key}": f"{best.objective_value:.3f}" if best else "n/a"})
+
+    def trial_begin(self, progress: StepProgress, trial_id: str) -> None:
+        self._postfix(progress)
+
+    def trial_end(self, progress: StepProgress, trial: Trial) -> None:
+        self._postfix(progress)
         self.bar.update(1)
 
     def step_end(self, progress: StepProgress, stop_reason: str | None) -> None:

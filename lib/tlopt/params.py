@@ -164,6 +164,27 @@ class Final(_Section):
     repeats: int = Field(0, ge=0)
 
 
+class Execution(_Section):
+    """How many trials of a BO step run at once, and where (docs/method.md section 4.1).
+
+    `parallel_trials` and `schedule` decide the points a step evaluates; the other keys
+    only say where its trials run (a resumed run may change them).
+    """
+
+    parallel_trials: int = Field(1, ge=1)
+    ray_address: str | None = None
+    gpus_per_trial: float | None = Field(None, ge=0)
+    cpus_per_trial: float | None = Field(None, gt=0)
+    schedule: Literal["ordered", "asap"] = "ordered"
+
+    @field_validator("gpus_per_trial")
+    @classmethod
+    def _whole_above_one(cls, value: float | None) -> float | None:
+        if value is not None and value > 1 and value != int(value):
+            raise ValueError(f"a trial takes a fraction of one GPU or whole GPUs (got {value})")
+        return value
+
+
 class Experiment(_Section):
     """A whole parameter file, validated, every default filled and every path absolute."""
 
@@ -182,6 +203,7 @@ class Experiment(_Section):
     strategies: list[str] = Field(default_factory=lambda: list(THESIS_STRATEGIES), min_length=1)
     layer_optimization: LayerOptimization = LayerOptimization()
     final: Final = Final()
+    execution: Execution = Execution()
 
     @model_validator(mode="before")
     @classmethod

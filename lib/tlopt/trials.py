@@ -5,6 +5,11 @@ first version wrote, so that runs made by it still resume. `status` is a `TrialS
 a string enum: the file says "ok" or "failed", and code compares with the enum. A trial
 records the objective it was scored on and that objective's value (docs/method.md
 section 10); a record of the first version, which has neither, was scored on validation accuracy.
+
+A step that runs several trials at once (`execution.parallel_trials` > 1) first writes
+each trial as "issued", before it starts, and later its result under the same id; the
+fields that describe such a trial (`PARALLEL_FIELDS`) are left out of the records of
+one-at-a-time runs, which stay what the first version wrote.
 """
 
 from __future__ import annotations
@@ -18,20 +23,30 @@ from typing import Any
 from tlopt import objectives
 
 class TrialState(StrEnum):
-    """How a trial ended: trained to its result, or raised (NaN loss, out of memory, ...)."""
+    """How a trial ended: trained to its result, or raised (NaN loss, out of memory, a killed
+    worker, ...); or, in a parallel step, issued and not finished yet."""
 
     OK = "ok"
     FAILED = "failed"
+    ISSUED = "issued"
+
+
+# What a trial of a parallel step records besides the rest (None, and absent from the record,
+# in one-at-a-time steps): the indices of the finished trials its point was computed from and
+# of the trials still running then, the step's parallel_trials and schedule, the worker that ran
+# it (host, pid, the GPU ids Ray gave it) and its start and end (Unix seconds, on the worker).
+PARALLEL_FIELDS = ("based_on", "pending", "parallel_trials", "schedule", "worker", "start_time", "end_time")
 
 
 @dataclass(frozen=True)
 class Trial:
-    """One finished trial of a BO step.
+    """One trial of a BO step: finished, or (parallel steps) issued.
 
     `x` is the GPyOpt row BO chose, `hyperparameters` its decoded values, `setup` the
     complete description of what was trained (layer optimization and the final
     evaluation read it), `phases` a summary of each training run (block, finetune).
-    The result fields are None for a failed trial.
+    The result fields are None for a failed or issued trial; `PARALLEL_FIELDS` are None
+    outside parallel steps.
     """
 
     id: str
@@ -55,10 +70,22 @@ class Trial:
     traceback: str | None = None
     objective: str = objectives.DEFAULT
     objective_value: float | None = None
+    based_on: list[int] | None = None
+    pending: list[int] | None = None
+    parallel_trials: int | None = None
+    schedule: str | None = None
+    worker: dict[str, Any] | None = None
+    start_time: float | None = None
+    end_time: float | None = None
 
     @property
     def ok(self) -> bool:
         return self.status is TrialState.OK
+
+    @property
+    def finished(self) -> bool:
+        """Trained to a result or failed (not merely issued)."""
+        return self.status is not TrialState.ISSUED
 
     @property
     def score(self) -> float:
@@ -69,8 +96,9 @@ class Trial:
         """The trial as one line of trials.jsonl (a failed trial's traceback included)."""
         record = dataclasses.asdict(self)
         record["status"] = str(self.status)
-        if record["traceback"] is None:
-            del record["traceback"]
+        for name in ("traceback", *PARALLEL_FIELDS):
+            if record[name] is None:
+                del record[name]
         return record
 
     @classmethod
