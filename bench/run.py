@@ -8,7 +8,8 @@ KerasTuner comparison take minutes a side and run once each.
 Prints a markdown table, writes it with the machine's description into
 docs/performance.md (between the bench markers), and prints
 `parallel_speedup=<ratio>` (the reduced demo search, one trial at a time vs two at once
-on Ray) and `head_cache_speedup=<ratio>` as its last two lines.
+on Ray), `finetune_cache_speedup=<ratio>` and `whole_experiment_speedup=<ratio>` (below),
+and `head_cache_speedup=<ratio>` as its last line.
 
 Everything starts from params/demo.yaml (its dataset, 32 px input, random weights:
 no GPU, no download); the classification-block and overhead measurements use its
@@ -18,10 +19,10 @@ JPEGs) at the thesis's 299 px, where decoding costs what it costs on real data.
 Fine-tuning is measured where the activation cache is meant to pay, at 224 px (the demo
 drawn at 224 px, a few images so that 2 cores run it in minutes): one trial per backbone
 (VGG16, ResNet50, DenseNet121) from cached activations, extraction included, vs on the
-fly, and a whole experiment with every cache on vs every cache off. It prints
-`finetune_cache_speedup=` (the geometric mean over the three backbones of the steady
-fine-tuning epoch's speedup, the first epoch being mostly tracing) and
-`whole_experiment_speedup=` before the last line.
+fly, and a whole experiment with every cache on vs every cache off:
+`finetune_cache_speedup` is the geometric mean over the three backbones of the steady
+fine-tuning epoch's speedup (the first epoch is mostly tracing; the table gives whole
+trials, extraction and tracing too), `whole_experiment_speedup` the experiment's.
 """
 
 from __future__ import annotations

@@ -284,7 +284,7 @@ def test_fine_tuning_from_a_cut_inside_a_block_is_the_on_the_fly_run(manifest, t
     _, base, _ = _model(backbone, 0)
     index = _index(base, layer)
     keras.backend.clear_session()
-    _, on_the_fly, cached = _fine_tune_both_ways(manifest, tmp_path, backbone, index)
+    _, on_the_fly, cached = _fine_tune_both_ways(manifest, tmp_path, backbone, index, **{"training.finetune_epochs": 1})
     _assert_same_run(on_the_fly, cached, backbone, manifest[1])
 
 

@@ -189,8 +189,8 @@ def upper_model(model: keras.Model, base: keras.Model, cut: Cut) -> keras.Model:
     layer objects: no new weights, and what this model learns the transfer model has.
     """
     packed = keras.Input(shape=(cut.values_per_image,), name="activations")
-    parts = Unpack(cut.shapes, name="unpack")(packed)
-    values = {id(tensor): part for tensor, part in zip(cut.crossing, parts)}
+    parts = keras.tree.flatten(Unpack(cut.shapes, name="unpack")(packed))
+    values = {id(tensor): part for tensor, part in zip(cut.crossing, parts, strict=True)}
     for node in _own_nodes(base):
         if id(node) not in cut.upper_nodes:
             continue

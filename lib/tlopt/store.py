@@ -10,7 +10,7 @@
   <strategy>/<step>/    GPyOpt's files, figures, status.json
   runs/<trial>/         <phase>/history.csv, <phase>/best.weights.h5, tensorboard/<phase>/
   tables/ figures/      notebook 05's tables (CSV, LaTeX) and figures (PNG, SVG), for a paper
-  cache/                decoded images and pooled features shared by the trials
+  cache/                decoded images, pooled features and activations shared by the trials
   notebooks/            the executed notebooks
 ```
 

@@ -7,9 +7,12 @@ because a search trains many models in one process and Keras keeps every graph o
 
 Every run reads its settings from the experiment's configuration (`tlopt.params.Experiment`).
 With a cache folder (`cache_dir`, a run folder's `cache/`) a run reads decoded images from
-the image cache (`data.cache_images`, when `data.image_cache` is on) and trains the
+the image cache (`data.cache_images`, when `data.image_cache` is on), trains the
 classification block on cached pooled features (`tlopt.features`, when
-`training.feature_cache` is on); the results are those of the on-the-fly path, only sooner.
+`training.feature_cache` is on) and fine-tunes the trainable layers on cached outputs of
+the frozen ones (`tlopt.activations`, when `training.activation_cache` is on); the results
+are those of the on-the-fly path (docs/method.md section 2.3 says where to the last bit),
+only sooner.
 
 Files of a run, in its trial's folder (`store.TrialFolder`):
     block/history.csv, block/best.weights.h5          classification block (its Dense layer's weights)
@@ -379,7 +382,9 @@ def fine_tune(
     The transfer model is built as the block's run built it (the backbone's starting
     weights) and takes the block's Dense layer from `block_weights`. Backbone layers
     before `delimiting_layer` stay frozen; that layer and every later one train, with the
-    fine-tuning optimizer and learning rate.
+    fine-tuning optimizer and learning rate. With `training.activation_cache` (and a
+    `cache_dir`) the model that trains is the trainable part on cached activations, which
+    shares its layers with the transfer model; the checkpoint is the transfer model's either way.
     """
     if not Path(block_weights).is_file():
         raise TrainingError(f"weights file not found: {block_weights}")
