@@ -1,13 +1,19 @@
-"""The callbacks of every training run, and the thesis's nonconvergence filter."""
+"""The callbacks of every training run, and the thesis's nonconvergence filter.
+
+The checkpoint, EarlyStopping and the filter watch the run's objective (`tlopt.objectives`):
+validation accuracy unless the parameter file names another.
+"""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import keras
 
+from tlopt import objectives
 from tlopt.errors import ConfigError
-from tlopt.params import Training
+from tlopt.params import Experiment
 from tlopt.store import TrialFolder
 
 
@@ -67,45 +73,55 @@ class NonconvergenceFiltering(keras.callbacks.Callback):
 
 
 class BestWeights(keras.callbacks.ModelCheckpoint):
-    """The weights at the best validation accuracy, of the model that trains or of `checkpointed`.
+    """The weights at the best value of `monitor` (the objective), of the model that trains or of `checkpointed`.
 
     `checkpointed` shares layers with the model that trains: the classification block's
     checkpoint is its Dense layer alone, whether the whole transfer model trains (on the
     fly) or the Dense layer alone (cached features), and it is small to write.
     """
 
-    def __init__(self, filepath: str, checkpointed: keras.Model | None = None) -> None:
-        super().__init__(filepath, monitor="val_accuracy", mode="max", save_best_only=True, save_weights_only=True)
+    def __init__(self, filepath: str, checkpointed: keras.Model | None = None, monitor: str = "val_accuracy",
+                 mode: str = "max") -> None:
+        super().__init__(filepath, monitor=monitor, mode=mode, save_best_only=True, save_weights_only=True)
         self.checkpointed = checkpointed
 
     def set_model(self, model: keras.Model) -> None:
         super().set_model(model if self.checkpointed is None else self.checkpointed)
 
 
+def nonconvergence_threshold(config: Experiment, class_counts: Sequence[int]) -> float:
+    """The filter's threshold as a number, for the validation images per class (chance depends on them)."""
+    return objectives.resolve_threshold(config.nonconvergence_threshold, config.nonconvergence_monitor, class_counts)
+
+
 def run_callbacks(
-    folder: TrialFolder, phase: str, training: Training, checkpointed: keras.Model | None = None
+    folder: TrialFolder, phase: str, config: Experiment, class_counts: Sequence[int],
+    checkpointed: keras.Model | None = None,
 ) -> list[keras.callbacks.Callback]:
     """The callbacks of one run (classification block or fine-tuning) of a trial.
 
     The phase's folder receives `history.csv` (per-epoch scalars) and `best.weights.h5`
-    (the weights of `checkpointed`, by default the model that trains, at the best
-    validation accuracy); its TensorBoard folder the event files (scalars only: no graph,
-    no profiling, which cost seconds per run). EarlyStopping watches validation accuracy;
+    (the weights of `checkpointed`, by default the model that trains, at the objective's
+    best value); its TensorBoard folder the event files (scalars only: no graph, no
+    profiling, which cost seconds per run). EarlyStopping watches the objective;
     nonconvergence filtering is added when `training.nonconvergence.enabled` is on.
+    `class_counts` (validation images per class) set a threshold relative to chance.
     """
+    objective, training = objectives.get(config.objective), config.training
     folder.phase_dir(phase).mkdir(parents=True, exist_ok=True)
     callbacks = [
         keras.callbacks.CSVLogger(str(folder.history(phase))),
-        BestWeights(str(folder.weights(phase)), checkpointed),
+        BestWeights(str(folder.weights(phase)), checkpointed, objective.key, objective.mode),
         keras.callbacks.TensorBoard(log_dir=str(folder.tensorboard(phase)), write_graph=False, profile_batch=0),
-        keras.callbacks.EarlyStopping(monitor="val_accuracy", mode="max", patience=training.early_stopping_patience),
+        keras.callbacks.EarlyStopping(monitor=objective.key, mode=objective.mode,
+                                      patience=training.early_stopping_patience),
     ]
     filtering = training.nonconvergence
     if filtering.enabled:
         callbacks.append(
             NonconvergenceFiltering(
-                monitor=filtering.monitor, threshold=filtering.threshold, patience=filtering.patience,
-                mode=filtering.mode,
+                monitor=config.nonconvergence_monitor, threshold=nonconvergence_threshold(config, class_counts),
+                patience=filtering.patience, mode=filtering.mode,
             )
         )
     return callbacks

@@ -7,9 +7,8 @@ calls one, so `tlopt run` and the notebook tests fail on a search that broke its
 from __future__ import annotations
 
 from itertools import pairwise
-from pathlib import Path
 
-from tlopt import backbones
+from tlopt import backbones, objectives
 from tlopt.analysis import strategy_trials
 from tlopt.params import Experiment
 from tlopt.store import RunFolder
@@ -23,9 +22,10 @@ def _check_search(config: Experiment, run: RunFolder, strategy: str, steps: tupl
     finished = trials[trials["status"] == TrialState.OK]
     assert (trials.groupby(["strategy", "step"]).size() <= config.bo.budget).all(), \
         "a step ran more trials than its budget"
-    assert best.val_accuracy == finished[finished["step"] == steps[-1]]["val_accuracy"].max(), \
+    last = finished[finished["step"] == steps[-1]]["objective_value"]
+    assert best.score == last.map(objectives.get(config.objective).score).max(), \
         "the best trial is not the best of the last step"
-    assert all(Path(path).is_file() for path in finished["weights"]), "a finished trial lost its weights"
+    assert all(run.local(path).is_file() for path in finished["weights"]), "a finished trial lost its weights"
     for label, _ in strategy_runs(config, strategy):
         for step in steps:
             assert (run.step_dir(label, step) / "convergence.png").is_file(), f"{label}/{step}: no convergence plot"
