@@ -204,6 +204,7 @@ class TransferHyperModel(keras_tuner.HyperModel):
 
     def fit(self, hp: keras_tuner.HyperParameters, model: keras.Model, *args, epochs: int = 1,
             callbacks: Sequence[keras.callbacks.Callback] = (), **kwargs) -> keras.callbacks.History:
+        kwargs["shuffle"] = False  # the tf.data pipeline shuffles itself (Keras cannot shuffle one)
         block = model.fit(*args, epochs=self.config.training.block_epochs,
                           callbacks=[early_stopping(self.config), keras.callbacks.TerminateOnNaN()], **kwargs)
         finetune_started = time.perf_counter()
