@@ -2,11 +2,13 @@
 
 Each ratio compares two ways of doing the same work in the same process, run
 alternately (A B, B A, A B, ...) so that a change in the machine's load hits both,
-and takes the median of `--repeats` repetitions. The whole experiment and the
-KerasTuner comparison take minutes a side and run once each.
+and takes the median of `--repeats` repetitions. The whole experiment takes
+minutes a side and runs once each; the race with KerasTuner (bench/kerastuner_side.py)
+runs each tool once per seed, three seeds, in alternating order, and reports medians.
 
 Prints a markdown table, writes it with the machine's description into
-docs/performance.md (between the bench markers), and prints
+docs/performance.md (between the bench markers), prints `kerastuner_speedup=<ratio>`
+and `kerastuner_accuracy_delta=<difference>` (the race with KerasTuner), then
 `parallel_speedup=<ratio>` (the reduced demo search, one trial at a time vs two at once
 on Ray), `finetune_cache_speedup=<ratio>` and `whole_experiment_speedup=<ratio>` (below),
 and `head_cache_speedup=<ratio>` as its last line.
@@ -69,9 +71,8 @@ BEGIN, END = "<!-- bench:begin (written by bench/run.py) -->", "<!-- bench:end -
 
 BACKBONE = "VGG16"
 HEAD_EPOCHS = 10
-# The whole experiment and the KerasTuner comparison: (random initial points, BO iterations).
+# The whole experiment: (random initial points, BO iterations).
 EXPERIMENT_TRIALS = (2, 1)
-KERASTUNER_TRIALS = (2, 2)
 # The whole experiment again with this many trials at once (`execution.parallel_trials`).
 PARALLEL_TRIALS = 2
 # Five block trials of one backbone, as BO's initial design would draw them.
@@ -484,11 +485,10 @@ def main(argv: list[str] | None = None) -> int:
                 "data.image_cache": caches, "training.feature_cache": caches, "training.activation_cache": caches,
             }), realistic_frame)
 
-        side = kerastuner_side.comparable(demo_params(work, "kerastuner-side"), *KERASTUNER_TRIALS)
-        search = kerastuner_side.Search.from_params(side)
-        print(f"same search, tlopt and KerasTuner ({search.trials} trials each) ...", flush=True)
-        tl = kerastuner_side.run_tlopt(side, frame)
-        kt = kerastuner_side.run_kerastuner(search, frame, work / "kerastuner")
+        race_params = kerastuner_side.comparable(demo_params(work, "race"), *kerastuner_side.RACE_TRIALS)
+        race_setting = kerastuner_side.describe(race_params, frame)
+        print(f"race with KerasTuner: {race_setting} ...", flush=True)
+        race = kerastuner_side.race(race_params, frame, work)
 
     on, off = experiments["on"], experiments["off"]
     on_seconds, on_cpu, on_best, on_files = on.seconds, on.cpu_seconds, on.best, on.cache_files
@@ -538,14 +538,7 @@ def main(argv: list[str] | None = None) -> int:
         f"| per-trial overhead on the fly: 2 model builds + 2 compiles + first-step tracing vs training "
         f"{block_epochs} block + {finetune_epochs} fine-tuning epochs | {overhead['overhead']:.1f} s "
         f"| {overhead['training']:.1f} s | {overhead['overhead'] / overhead['training']:.2f} | |",
-        f"| the same search with KerasTuner `BayesianOptimization` (params/demo.yaml, strategy `joint`, "
-        f"{search.trials} trials of at most {search.block_epochs} + {search.finetune_epochs} epochs); "
-        f"best val accuracy {tl.best_val_accuracy:.2f} (tlopt) vs {kt.best_val_accuracy:.2f} (KerasTuner); "
-        f"epochs run {tl.epochs} vs {kt.epochs}; one run each; CPU time {tl.cpu_seconds:.0f} s vs "
-        f"{kt.cpu_seconds:.0f} s ({ratio(kt.cpu_seconds, tl.cpu_seconds)}) "
-        f"| {tl.seconds:.0f} s | {kt.seconds:.0f} s | {ratio(kt.seconds, tl.seconds)} | |",
-        f"| the same, time per epoch run | {tl.seconds / tl.epochs:.2f} s | {kt.seconds / kt.epochs:.2f} s "
-        f"| {ratio(kt.seconds / kt.epochs, tl.seconds / tl.epochs)} | |",
+        *race.table_rows(race_setting),
     ]
     details = (
         f"Per-trial overhead in detail (medians): model build {overhead['build']:.2f} s, compile "
@@ -556,6 +549,7 @@ def main(argv: list[str] | None = None) -> int:
     table = "\n".join(rows) + f"\n\n{details}\n"
     print()
     print(table)
+    print("\n".join(race.lines()))
     if not args.no_doc:
         write_doc(DOC, table, description)
         print(f"written to {DOC.relative_to(REPO)}")
