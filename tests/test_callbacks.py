@@ -5,7 +5,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tlopt.callbacks import NonconvergenceFiltering, run_callbacks
+from tlopt import checkpoints
+from tlopt.callbacks import BestWeights, NonconvergenceFiltering, run_callbacks
 from tlopt.errors import ConfigError
 from tlopt.params import Training
 from tlopt.store import TrialFolder
@@ -29,10 +30,10 @@ def _tiny_data():
     return rng.normal(size=(16, 4)).astype("float32"), rng.integers(0, 2, 16)
 
 
-def _fit(callbacks, epochs=20, scores=None, name="score"):
+def _fit(callbacks, epochs=20, scores=None, name="score", model=None):
     """A real fit of a tiny model; `scores[epoch]` is logged as `name` before the other callbacks run."""
     x, y = _tiny_data()
-    model = _tiny_model()
+    model = model or _tiny_model()
     if scores is not None:
         inject = keras.callbacks.LambdaCallback(on_epoch_end=lambda epoch, logs: logs.update({name: scores[epoch]}))
         callbacks = [inject, *callbacks]
@@ -117,15 +118,16 @@ def _by_type(callbacks):
     return {type(callback).__name__: callback for callback in callbacks}
 
 
+REFERENCE = checkpoints.Reference("VGG16", None, 0, 32, "max", 2)
+
+
 def test_run_callbacks_are_the_thesis_list(tmp_path):
     settings = Training(early_stopping_patience=4, nonconvergence={"threshold": 0.3, "patience": 2})
-    callbacks = _by_type(run_callbacks(TrialFolder(tmp_path), "block", settings))
+    callbacks = _by_type(run_callbacks(TrialFolder(tmp_path), "block", settings, {}, REFERENCE))
     assert set(callbacks) == {"CSVLogger", "BestWeights", "TensorBoard", "EarlyStopping", "NonconvergenceFiltering"}
     checkpoint = callbacks["BestWeights"]
-    assert isinstance(checkpoint, keras.callbacks.ModelCheckpoint)
     assert checkpoint.filepath == str(tmp_path / "block" / "best.weights.h5")
-    assert (checkpoint.monitor, checkpoint.mode) == ("val_accuracy", "max")
-    assert checkpoint.save_best_only and checkpoint.save_weights_only
+    assert checkpoint.reference == REFERENCE
     stopping = callbacks["EarlyStopping"]
     assert (stopping.monitor, stopping.mode, stopping.patience) == ("val_accuracy", "max", 4)
     filtering = callbacks["NonconvergenceFiltering"]
@@ -133,16 +135,37 @@ def test_run_callbacks_are_the_thesis_list(tmp_path):
 
 
 def test_nonconvergence_filtering_can_be_switched_off(tmp_path):
-    callbacks = run_callbacks(TrialFolder(tmp_path), "block", Training(nonconvergence={"enabled": False}))
+    callbacks = run_callbacks(TrialFolder(tmp_path), "block", Training(nonconvergence={"enabled": False}), {},
+                              REFERENCE)
     assert "NonconvergenceFiltering" not in _by_type(callbacks)
 
 
 def test_run_callbacks_write_history_best_weights_and_tensorboard(tmp_path):
     phase_dir, tensorboard_dir = tmp_path / "block", tmp_path / "tensorboard" / "block"
-    callbacks = run_callbacks(TrialFolder(tmp_path), "block", Training(early_stopping_patience=50))
-    _fit(callbacks, epochs=3)
+    model = _tiny_model()
+    callbacks = run_callbacks(TrialFolder(tmp_path), "block", Training(early_stopping_patience=50),
+                              checkpoints.trained_layers(model), REFERENCE)
+    _fit(callbacks, epochs=3, model=model)
     history = pd.read_csv(phase_dir / "history.csv")
     assert list(history["epoch"]) == [0, 1, 2]
     assert {"loss", "accuracy", "val_loss", "val_accuracy"} <= set(history.columns)
     assert (phase_dir / "best.weights.h5").is_file()
     assert list(tensorboard_dir.glob("validation/events.out.tfevents.*"))
+
+
+def test_best_weights_keeps_the_layers_at_the_best_validation_accuracy_and_no_optimizer_state(tmp_path):
+    """Written at each new best (NaN never is one); the file holds the named layers' weights and the reference."""
+    model = _tiny_model()
+    path = tmp_path / "best.weights.h5"
+    seen = []
+    remember = keras.callbacks.LambdaCallback(on_epoch_end=lambda epoch, logs: seen.append(model.get_weights()))
+    checkpoint = BestWeights(str(path), {"model/dense": model.layers[0]}, REFERENCE)
+    _fit([checkpoint, remember], epochs=5, scores=[0.2, 0.6, 0.4, float("nan"), 0.5], name="val_accuracy",
+         model=model)
+    assert checkpoints.stored_keys(path) == ["model/dense"]
+    assert checkpoints.read_reference(path) == REFERENCE
+    fresh = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2, name="dense")])
+    checkpoints.load_into(fresh, path)
+    for stored, best in zip(fresh.get_weights(), seen[1]):
+        np.testing.assert_array_equal(stored, best)
+    assert not np.array_equal(seen[1][0], seen[4][0])  # training went on after the best epoch

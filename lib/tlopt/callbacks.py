@@ -6,6 +6,7 @@ import math
 
 import keras
 
+from tlopt import checkpoints
 from tlopt.errors import ConfigError
 from tlopt.params import Training
 from tlopt.store import TrialFolder
@@ -66,37 +67,47 @@ class NonconvergenceFiltering(keras.callbacks.Callback):
             self.wait += 1
 
 
-class BestWeights(keras.callbacks.ModelCheckpoint):
-    """The weights at the best validation accuracy, of the model that trains or of `checkpointed`.
+class BestWeights(keras.callbacks.Callback):
+    """At each new best validation accuracy, write the checkpoint of the layers the run trains (`tlopt.checkpoints`).
 
-    `checkpointed` shares layers with the model that trains: the classification block's
-    checkpoint is its Dense layer alone, whether the whole transfer model trains (on the
-    fly) or the Dense layer alone (cached features), and it is small to write.
+    `layers` are the trained layers by key (`checkpoints.trained_layers` of the transfer
+    model, or of the Dense layer alone on cached features); `reference` names the rest.
+    No optimizer state: nothing reads it once the run has ended. A NaN never improves.
     """
 
-    def __init__(self, filepath: str, checkpointed: keras.Model | None = None) -> None:
-        super().__init__(filepath, monitor="val_accuracy", mode="max", save_best_only=True, save_weights_only=True)
-        self.checkpointed = checkpointed
+    def __init__(self, filepath: str, layers: dict[str, keras.layers.Layer], reference: checkpoints.Reference) -> None:
+        super().__init__()
+        self.filepath = filepath
+        self.layers = layers
+        self.reference = reference
+        self.best = -math.inf
 
-    def set_model(self, model: keras.Model) -> None:
-        super().set_model(model if self.checkpointed is None else self.checkpointed)
+    def on_train_begin(self, logs: dict | None = None) -> None:
+        self.best = -math.inf
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        value = float((logs or {}).get("val_accuracy", math.nan))
+        if value > self.best:
+            self.best = value
+            checkpoints.write(self.filepath, self.layers, self.reference)
 
 
 def run_callbacks(
-    folder: TrialFolder, phase: str, training: Training, checkpointed: keras.Model | None = None
+    folder: TrialFolder, phase: str, training: Training, layers: dict[str, keras.layers.Layer],
+    reference: checkpoints.Reference,
 ) -> list[keras.callbacks.Callback]:
     """The callbacks of one run (classification block or fine-tuning) of a trial.
 
     The phase's folder receives `history.csv` (per-epoch scalars) and `best.weights.h5`
-    (the weights of `checkpointed`, by default the model that trains, at the best
-    validation accuracy); its TensorBoard folder the event files (scalars only: no graph,
+    (the weights of the trained `layers` at the best validation accuracy, with the
+    `reference` to the rest); its TensorBoard folder the event files (scalars only: no graph,
     no profiling, which cost seconds per run). EarlyStopping watches validation accuracy;
     nonconvergence filtering is added when `training.nonconvergence.enabled` is on.
     """
     folder.phase_dir(phase).mkdir(parents=True, exist_ok=True)
     callbacks = [
         keras.callbacks.CSVLogger(str(folder.history(phase))),
-        BestWeights(str(folder.weights(phase)), checkpointed),
+        BestWeights(str(folder.weights(phase)), layers, reference),
         keras.callbacks.TensorBoard(log_dir=str(folder.tensorboard(phase)), write_graph=False, profile_batch=0),
         keras.callbacks.EarlyStopping(monitor="val_accuracy", mode="max", patience=training.early_stopping_patience),
     ]

@@ -95,6 +95,7 @@ class Training(_Section):
     feature_cache: bool = True
     mixed_precision: bool = False
     jit_compile: bool = False
+    keep_weights: Literal["best", "all"] = "best"
 
 
 class BayesianOptimization(_Section):
