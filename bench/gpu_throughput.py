@@ -14,14 +14,23 @@ budget skips a measurement that its backbone's previous one says would overrun i
 
 The projection (`project_hours`) turns the throughput into the time of the thesis's
 full Kvasir protocol on this one device; `PROTOCOL_ASSUMPTIONS` states what it counts.
+
+`--concurrent 1 2 4 8` measures instead what parallel trials (`tlopt run --parallel K`)
+get from one GPU: K processes at once, each as a Ray trial worker is (its own TensorFlow,
+memory growth on), fine-tune one backbone at 299 px for the same time window, and the
+table gives their images/s together, per trial, and the gain over one trial alone. A K
+that does not fit in the GPU's memory is reported as such.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import statistics
+import subprocess
+import sys
 import time
 from dataclasses import dataclass
 
@@ -186,6 +195,91 @@ def _projection(results: dict, names: tuple[str, ...], batch_sizes: tuple[int, .
     return "\n".join(lines)
 
 
+@dataclass(frozen=True)
+class Concurrent:
+    """K trials fine-tuning at once on one GPU: their images/s together and per trial (None: did not fit)."""
+
+    trials: int
+    total: float | None
+    per_trial: float | None
+    failure: str | None = None
+
+
+def combine(trials: int, reports: list[dict]) -> Concurrent:
+    """The throughput of K trials from each worker's report ({"images", "seconds"} or {"error"})."""
+    errors = [report["error"] for report in reports if "error" in report]
+    if errors or len(reports) != trials:
+        return Concurrent(trials, None, None, errors[0] if errors else f"{trials - len(reports)} trial(s) missing")
+    rates = [report["images"] / report["seconds"] for report in reports]
+    return Concurrent(trials, sum(rates), sum(rates) / trials)
+
+
+def scaling_table(results: list[Concurrent]) -> str:
+    """Markdown: images/s of K concurrent trials, per trial, and the gain over one trial alone."""
+    alone = next((result.total for result in results if result.trials == 1 and result.total), None)
+    lines = ["| concurrent trials | images/s, all | images/s, each | gain over one trial |", "|---|---|---|---|"]
+    for result in results:
+        if result.total is None:
+            lines.append(f"| {result.trials} | failed: {result.failure} | | |")
+            continue
+        gain = f"{result.total / alone:.2f}x" if alone else "n/a"
+        lines.append(f"| {result.trials} | {result.total:.0f} | {result.per_trial:.0f} | {gain} |")
+    return "\n".join(lines)
+
+
+def worker(name: str, size: int, batch: int, seconds: float) -> None:
+    """One trial's process: build and warm up, say `ready`, wait for `go` on stdin, train for `seconds`."""
+    import keras
+    import numpy as np
+
+    from tlopt.backbones import build_transfer_model, default_delimiting_layer, set_delimiting_layer
+
+    try:
+        model, base = build_transfer_model(name, 8, size, weights=None)
+        set_delimiting_layer(base, default_delimiting_layer(len(base.layers)))
+        model.compile(optimizer=keras.optimizers.Adam(1e-4), loss="sparse_categorical_crossentropy")
+        rng = np.random.default_rng(os.getpid())
+        images = rng.integers(0, 256, (batch, size, size, 3), dtype=np.uint8)
+        labels = rng.integers(0, 8, batch)
+        for _ in range(3):  # the first step traces the graph
+            model.train_on_batch(images, labels)
+    except Exception as error:  # noqa: BLE001 - out of memory, mostly: reported, not raised
+        print(json.dumps({"error": f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"}), flush=True)
+        return
+    print("ready", flush=True)
+    sys.stdin.readline()
+    steps, started = 0, time.perf_counter()
+    while time.perf_counter() - started < seconds:
+        model.train_on_batch(images, labels)
+        steps += 1
+    print(json.dumps({"images": steps * batch, "seconds": time.perf_counter() - started}), flush=True)
+
+
+def concurrent(trials: int, name: str, size: int, batch: int, seconds: float, timeout: float) -> Concurrent:
+    """Start K worker processes, let them all train for the same window, combine their reports."""
+    env = {**os.environ, "TF_FORCE_GPU_ALLOW_GROWTH": "true", "TF_CPP_MIN_LOG_LEVEL": "2"}
+    command = [sys.executable, __file__, "--worker", name, "--image-size", str(size), "--batch-sizes", str(batch),
+               "--seconds", str(seconds)]
+    processes = [subprocess.Popen(command, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                  stderr=subprocess.DEVNULL, text=True) for _ in range(trials)]
+    try:
+        ready = [process.stdout.readline().strip() for process in processes]  # each: "ready" or its error
+        for process, line in zip(processes, ready):
+            if line == "ready":
+                process.stdin.write("go\n")
+                process.stdin.flush()
+        reports = []
+        for process, line in zip(processes, ready):
+            text = process.stdout.readline() if line == "ready" else line
+            reports.append(json.loads(text) if text.strip() else {"error": "the process died (out of memory?)"})
+            process.wait(timeout=timeout)
+        return combine(trials, reports)
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true",
@@ -195,9 +289,31 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=None)
     parser.add_argument("--precisions", nargs="+", choices=PRECISIONS, default=list(PRECISIONS))
     parser.add_argument("--jit-compile", action="store_true", help="XLA-compile the steps (tracing takes longer)")
+    parser.add_argument("--concurrent", type=int, nargs="+", metavar="K",
+                        help="measure K concurrent fine-tuning trials on one GPU instead (e.g. 1 2 4 8); "
+                             "the first of --backbones (default ResNet50), 299 px, batch 16")
+    parser.add_argument("--seconds", type=float, default=20.0,
+                        help="with --concurrent: the window every trial trains in")
+    parser.add_argument("--worker", metavar="BACKBONE", help=argparse.SUPPRESS)
     parser.add_argument("--budget", type=float, default=420.0,
                         help="seconds for all measurements; what is left after it is skipped")
     args = parser.parse_args(argv)
+
+    if args.worker:
+        worker(args.worker, args.image_size or 299, (args.batch_sizes or [16])[0], args.seconds)
+        return 0
+    if args.concurrent:
+        os.environ.setdefault("TF_FORCE_GPU_ALLOW_GROWTH", "true")  # this process only looks at the device
+        name, size, batch = (args.backbones or ["ResNet50"])[0], args.image_size or 299, (args.batch_sizes or [16])[0]
+        print(f"device: {_device()}; {name} fine-tuning at {size}x{size} px, batch {batch}, float32, "
+              f"{args.seconds:.0f} s window per measurement", flush=True)
+        results = []
+        for trials in args.concurrent:
+            results.append(concurrent(trials, name, size, batch, args.seconds, timeout=600))
+            print(f"{trials} concurrent trial(s): {results[-1]}", flush=True)
+        print("\nImages per second of concurrent trials on one GPU (`tlopt run --parallel K`):\n")
+        print(scaling_table(results))
+        return 0
 
     if args.quick:
         names = tuple(args.backbones or ("VGG16", "ResNet50"))

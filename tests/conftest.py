@@ -6,14 +6,19 @@ os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 
+import shutil
+import signal
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 import pytest
 
 REPOSITORY = Path(__file__).resolve().parent.parent
 TLOPT = Path(sys.executable).parent / "tlopt"
+TESTS = Path(__file__).resolve().parent
 
 
 def experiment(values: dict | None = None):
@@ -40,12 +45,19 @@ def demo_root(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def ci_params(tmp_path_factory):
-    """params/ci.yaml with its data and results in a temporary folder."""
+    """params/ci.yaml with its data and results in a temporary folder, and the options of imbalanced
+    medical data (nbval runs the notebooks on ci.yaml's faithful settings): balanced accuracy as the
+    objective, balanced class weights, and an external test set from another "site" (the demo
+    generator with another seed, the same two classes)."""
+    from tlopt.demo_data import generate_demo_dataset
     from tlopt.params import dump_params, load_params
 
     folder = tmp_path_factory.mktemp("e2e")
-    params = load_params(REPOSITORY / "params" / "ci.yaml",
-                         {"results_dir": str(folder / "results"), "data.root": str(folder / "data")})
+    external = generate_demo_dataset(folder / "site_b", images_per_class=3, image_size=32, seed=7, num_classes=2)
+    params = load_params(REPOSITORY / "params" / "ci.yaml", {
+        "results_dir": str(folder / "results"), "data.root": str(folder / "data"),
+        "data.external_test": str(external), "objective": "balanced_accuracy", "training.class_weight": "balanced",
+    })
     return dump_params(params, folder / "ci.yaml")
 
 
@@ -56,3 +68,56 @@ def finished_run(ci_params):
     result = run_tlopt("run", ci_params, "--name", "e2e", "--strategy", "shared")
     assert result.returncode == 0, result.stderr
     return ci_params.parent / "results" / "e2e", result
+
+
+def processes_of(ray_root: Path) -> list[int]:
+    """Processes (but this one) started with RAY_TMPDIR=`ray_root`: the Ray that a test started, its workers
+    (whose command lines Ray renames, hence the environment), and a `tlopt run` of the test with its kernels."""
+    marker = f"RAY_TMPDIR={ray_root}".encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and int(entry.name) != os.getpid():
+            try:
+                if marker in (entry / "environ").read_bytes().split(b"\0"):
+                    found.append(int(entry.name))
+            except OSError:  # ended meanwhile, or not ours to read
+                continue
+    return found
+
+
+def end_processes(pids: list[int], grace: float = 5.0) -> None:
+    """SIGTERM, then SIGKILL what is still there after `grace` seconds; by pid."""
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            continue
+    deadline = time.time() + grace
+    while time.time() < deadline and any(Path(f"/proc/{pid}").exists() for pid in pids):
+        time.sleep(0.2)
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            continue
+
+
+def end_processes_of(ray_root: Path) -> list[int]:
+    """End every process started with `ray_root`, by pid, again while Ray spawns new ones as others end
+    (a raylet replaces a dead worker); the pids that are still there after a few rounds."""
+    for _ in range(4):
+        pids = processes_of(ray_root)
+        if not pids:
+            return []
+        end_processes(pids)
+    return processes_of(ray_root)
+
+
+@pytest.fixture
+def ray_root():
+    """A temporary directory for Ray (short: Ray's socket paths must fit in 107 bytes); afterwards every
+    process started with it is ended, by pid."""
+    root = Path(tempfile.mkdtemp(prefix="tlopt-ray-", dir="/tmp"))
+    yield root
+    end_processes_of(root)
+    shutil.rmtree(root, ignore_errors=True)

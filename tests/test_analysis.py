@@ -3,6 +3,7 @@
 import json
 from dataclasses import dataclass
 from datetime import datetime
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -115,7 +116,7 @@ def test_final_model_evaluation_predicts_the_split_with_the_final_weights(run):
 
     evaluation = analysis.evaluate_final_model(params, run_dir, "shared", "val", trainer=Predictor())
     final = analysis.final_trial(run_dir, "shared")
-    assert calls == [(final.setup["backbone"], final.weights, ["val"] * 4, ["a", "b"])]
+    assert calls == [(final.setup["backbone"], Path(final.weights), ["val"] * 4, ["a", "b"])]
     assert evaluation.confusion.loc["a"].tolist() == [1, 1] and evaluation.confusion.loc["b"].tolist() == [0, 2]
     assert evaluation.metrics.loc["a", "REC"] == 0.5 and evaluation.metrics.loc["Average", "ACC"] == 0.75
 
@@ -129,7 +130,7 @@ def trial(strategy, step, method, accuracy, block=None, finetune=None, seconds=6
     phases = {name: phase for name, phase in (("block", block), ("finetune", finetune)) if phase}
     return {"id": f"{strategy}-{step}-{method}-{accuracy}", "strategy": strategy, "step": step, "method": method,
             "val_accuracy": accuracy, "status": "ok" if accuracy is not None else "failed",
-            "seconds": seconds, "phases": phases}
+            "objective": "val_accuracy", "objective_value": accuracy, "seconds": seconds, "phases": phases}
 
 
 def phase(epochs, stopped_by="completed", seconds=30.0):

@@ -190,6 +190,9 @@ def offline(monkeypatch):
         # MobileNetV2's file depends on the input size.
         ("MobileNetV2", 96, "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_96_no_top.h5"),
         ("MobileNetV3Small", 64, "weights_mobilenet_v3_small_224_1.0_float_no_top_v2.h5"),
+        # The other naming rules of the table that check_weights reads (the rest are constants).
+        ("ResNet50V2", 32, "resnet50v2_weights_tf_dim_ordering_tf_kernels_notop.h5"),
+        ("MobileNetV3SmallMinimalistic", 32, "weights_mobilenet_v3_small_minimalistic_224_1.0_float_no_top_v2.h5"),
     ],
 )
 def test_offline_imagenet_weights_name_the_file_and_the_keras_cache(
@@ -203,6 +206,84 @@ def test_offline_imagenet_weights_name_the_file_and_the_keras_cache(
     message = str(error.value)
     assert f"place {file_name} in {tmp_path / 'models'}/" in message
     assert name in message and "\n" not in message
+    # The table check_weights reads names the file and URL that Keras itself asked for.
+    path, url = backbones.imagenet_weights(name, size)
+    assert path == tmp_path / "models" / file_name and f"(from {url})" in message
+
+
+def _weights_params(tmp_path, names, weights="imagenet"):
+    from tlopt.params import validate
+
+    return validate({"data": {"root": str(tmp_path), "image_size": 96}, "backbones": names, "weights": weights})
+
+
+def test_check_weights_offline_lists_every_missing_file_and_where_it_goes(offline, monkeypatch, tmp_path):
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path))
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5").write_bytes(b"present")
+    with pytest.raises(WeightsError) as error:
+        backbones.check_weights(_weights_params(tmp_path, ["VGG16", "MobileNetV2", "Xception"]))
+    message = str(error.value)
+    assert message.startswith(f"ImageNet weights of 2 backbone(s) are not in Keras's cache and cannot be downloaded "
+                              f"here: they go in {tmp_path / 'models'}/: MobileNetV2 needs "
+                              f"mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_96_no_top.h5 (from https://")
+    assert "Xception needs xception_weights_tf_dim_ordering_tf_kernels_notop.h5" in message
+    assert "VGG16" not in message and "tlopt weights PARAMS" in message and "\n" not in message
+
+
+def test_check_weights_downloads_what_is_missing_into_the_keras_cache(monkeypatch, tmp_path):
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path))
+    fetched = []
+
+    def fetch(file_name, url, folder):
+        fetched.append((file_name, url, folder))
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / file_name).write_bytes(b"weights")
+
+    params = _weights_params(tmp_path, ["VGG16", "EfficientNetB0"])
+    files = backbones.check_weights(params, fetch=fetch)
+    assert files == [tmp_path / "models" / name for name, _, _ in fetched]
+    assert [url.rsplit("/", 1)[1] for _, url, _ in fetched] == [name for name, _, _ in fetched]
+    assert backbones.check_weights(params, fetch=fetch) == files and len(fetched) == 2, "present files are kept"
+    with pytest.raises(WeightsError, match="are not in"):
+        backbones.check_weights(_weights_params(tmp_path, ["VGG19"]), download=False, fetch=fetch)
+    assert len(fetched) == 2
+    assert backbones.check_weights(_weights_params(tmp_path, ["VGG16"], weights=None)) == []
+
+
+def test_tlopt_weights_downloads_or_refuses_in_one_line(monkeypatch, tmp_path, capsys):
+    from tlopt import cli
+
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path))
+    params = tmp_path / "p.yaml"
+    params.write_text("data: {root: data, image_size: 32}\nbackbones: [VGG16, VGG19]\n")
+
+    def unreachable(file_name, url, folder):
+        raise Exception(f"URL fetch failure on {url}: None -- [Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(backbones, "_keras_download", unreachable)
+    assert cli.main(["weights", str(params)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "VGG16 needs" in err[0] and "VGG19 needs" in err[0]
+
+    monkeypatch.setattr(backbones, "_keras_download",
+                        lambda name, url, folder: folder.mkdir(exist_ok=True) or (folder / name).write_bytes(b"w"))
+    assert cli.main(["weights", str(params)]) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        f"weights: {tmp_path / 'models' / name}" for name in ("vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5",
+                                                              "vgg19_weights_tf_dim_ordering_tf_kernels_notop.h5")]
+
+
+def test_the_search_checks_the_weights_before_its_first_trial(monkeypatch, tmp_path):
+    from tlopt import optimize, training
+    from tlopt.store import RunFolder
+
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path))
+    monkeypatch.setattr(backbones, "_keras_download", lambda *args: None)  # a download that brings nothing
+    monkeypatch.setattr(training, "train_block", lambda *args, **kwargs: pytest.fail("a trial trained"))
+    params = _weights_params(tmp_path, ["VGG16"]).updated({"results_dir": str(tmp_path / "results")})
+    with pytest.raises(WeightsError, match="VGG16 needs"):
+        optimize.run_strategy(params, "shared", RunFolder.open(params), progress=False)
 
 
 def _trainable_flags(base):

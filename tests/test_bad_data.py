@@ -1,7 +1,8 @@
 """Bad datasets through `tlopt run`: a non-zero exit and one line naming the offending folder.
 
 Every dataset error's message is tested in tests/test_data.py; these two cases show that
-such an error reaches the user of `tlopt run` as that one line (each starts a kernel).
+such an error reaches the user of `tlopt run` as that one line: a missing folder before any
+run folder is made (exit 2), a split that cannot be made from notebook 00 (a kernel starts).
 """
 
 import shutil
@@ -28,7 +29,7 @@ def make_classes(root, source, counts):
 
 
 @pytest.mark.parametrize("case, message", [
-    ("missing", "DataError: dataset folder not found: {root}"),
+    ("missing", "error: dataset folder not found: {root}"),
     ("too few images", "DataError: class 'b' has 1 image(s): too few"),
 ])
 def test_bad_dataset_stops_the_run_with_one_line(tmp_path, demo_root, case, message):
@@ -41,4 +42,7 @@ def test_bad_dataset_stops_the_run_with_one_line(tmp_path, demo_root, case, mess
     assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
     assert message.format(root=root) in lines[0]
     assert "Traceback" not in result.stdout + result.stderr
-    assert (tmp_path / "results" / "exp" / "params.yaml").is_file(), "what was written before is kept"
+    if case == "missing":  # checked before the run folder is made: nothing to clean up before a rerun
+        assert result.returncode == 2 and not (tmp_path / "results" / "exp").exists()
+    else:
+        assert (tmp_path / "results" / "exp" / "params.yaml").is_file(), "what was written before is kept"

@@ -58,6 +58,17 @@ def test_measurement_order_puts_the_thesis_setting_then_the_fastest_first():
     assert sorted(order) == sorted({(p, b) for p in ("float32", "mixed_float16") for b in (16, 64)})
 
 
+def test_concurrent_trials_add_up_their_throughput_and_a_failure_is_named():
+    two = gpu_throughput.combine(2, [{"images": 640, "seconds": 20.0}, {"images": 480, "seconds": 16.0}])
+    assert (two.total, two.per_trial) == (62.0, 31.0)
+    failed = gpu_throughput.combine(4, [{"images": 1, "seconds": 1.0}, {"error": "ResourceExhaustedError: OOM"}])
+    assert failed.total is None and failed.failure == "ResourceExhaustedError: OOM"
+    assert gpu_throughput.combine(2, [{"images": 1, "seconds": 1.0}]).failure == "1 trial(s) missing"
+    table = gpu_throughput.scaling_table([gpu_throughput.combine(1, [{"images": 400, "seconds": 10.0}]), two, failed])
+    assert table.splitlines()[2:] == ["| 1 | 40 | 40 | 1.00x |", "| 2 | 62 | 31 | 1.55x |",
+                                      "| 4 | failed: ResourceExhaustedError: OOM | | |"]
+
+
 @pytest.mark.slow
 def test_kerastuner_trial_trains_the_block_frozen_then_fine_tunes_from_the_delimiting_layer(tmp_path):
     import keras

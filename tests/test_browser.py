@@ -218,7 +218,7 @@ def test_panel_saves_a_parameter_file_and_the_search_shows_live_feedback(workspa
     progress = search.locator(".widget-hbox", has=page.locator(".widget-hprogress"))
     assert progress.count() == 1, "one tqdm bar over the trials of the step"
     bar = " ".join(progress.inner_text().split())  # tqdm pads with figure spaces
-    assert re.search(r"2/2 .*best=\d\.\d{3}", bar), bar
+    assert re.search(r"2/2 .*best val_accuracy=\d\.\d{3}", bar), bar
     images = search.locator(".jp-OutputArea-output img")
     assert images.count() == 1, "the live figure is one output updated in place, not one per epoch"
     for image in (images.first, cells.nth(figure_cell).locator(".jp-OutputArea-output img").first):

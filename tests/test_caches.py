@@ -13,7 +13,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from tlopt import data, features, training
+from tlopt import data, features, objectives, training
 from tlopt.backbones import build_transfer_model, get_backbone, layer_count
 from tlopt.errors import DataError
 from conftest import experiment
@@ -42,8 +42,10 @@ def _epoch(dataset: tf.data.Dataset | features.FeatureBatches) -> tuple[np.ndarr
 
 
 def _cache_files(folder) -> dict[str, tuple[int, int]]:
-    """Name -> (inode, modification time) of every file in `folder`, temporary ones included."""
-    return {entry.name: (entry.stat().st_ino, entry.stat().st_mtime_ns) for entry in os.scandir(folder)}
+    """Name -> (inode, modification time) of every file in `folder`, temporary ones included (not the
+    empty lock files that let one process build a cache while others wait)."""
+    return {entry.name: (entry.stat().st_ino, entry.stat().st_mtime_ns) for entry in os.scandir(folder)
+            if not entry.name.endswith(".lock")}
 
 
 # The decoded-image cache
@@ -236,41 +238,89 @@ class _Logs(keras.callbacks.Callback):
         self.calls.append(("train_end", dict(logs)))
 
 
+# Class weights of a skewed training set: class 0 is common, class 2 rare.
+WEIGHTS = {0: 0.5, 1: 1.2, 2: 3.0}
+
+
 @pytest.mark.parametrize(
-    ("optimizer", "policy"),
-    [(name, "float32") for name in THESIS_OPTIMIZERS] + [("Adam", "mixed_float16"), ("SGD", "mixed_float16")],
+    ("optimizer", "policy", "weighted"),
+    [(name, "float32", False) for name in THESIS_OPTIMIZERS]
+    + [("Adam", "mixed_float16", False), ("SGD", "mixed_float16", False)]
+    + [("Adam", "float32", True), ("SGD", "mixed_float16", True)],
 )
-def test_fit_head_trains_the_head_as_model_fit_does(optimizer, policy):
+def test_fit_head_trains_the_head_as_model_fit_does(optimizer, policy, weighted):
+    """Also with Keras's `class_weight` and the objectives' metrics (balanced accuracy, macro F1)."""
     rng = np.random.default_rng(0)
     vectors, labels = rng.normal(size=(4, 40, 8)).astype(np.float32), rng.integers(0, 3, 40).astype(np.int32)
     val_vectors, val_labels = rng.normal(size=(1, 20, 8)).astype(np.float32), rng.integers(0, 3, 20).astype(np.int32)
     initial = [rng.normal(size=(8, 3)).astype(np.float32), np.zeros(3, np.float32)]
+    class_weight = WEIGHTS if weighted else None
     runs = {}
     for way in ("fit", "fit_head"):
         keras.mixed_precision.set_global_policy(policy)  # clear_session resets it to float32
         head, watcher = features.new_head(initial), _Logs()
-        head.compile(optimizer=training.make_optimizer(optimizer, 0.05), loss=training.LOSS, metrics=["accuracy"])
+        metrics = objectives.metrics_for(3, ["val_balanced_accuracy", "val_macro_f1"] if weighted else [])
+        head.compile(optimizer=training.make_optimizer(optimizer, 0.05), loss=training.LOSS,
+                     metrics=["accuracy", *metrics])
         # Under mixed precision Keras scales the loss; fit_head must unscale what it scales.
         assert isinstance(head.optimizer, keras.optimizers.LossScaleOptimizer) == (policy == "mixed_float16")
         if way == "fit":
             history = head.fit(
                 _feature_pipeline(vectors, labels, 16, seed=3), validation_data=_feature_pipeline(
-                    val_vectors, val_labels, 16, seed=None), epochs=4, callbacks=[watcher], shuffle=False, verbose=0
+                    val_vectors, val_labels, 16, seed=None), epochs=4, callbacks=[watcher], shuffle=False, verbose=0,
+                class_weight=class_weight,
             )
         else:
             history = features.fit_head(head, features.FeatureBatches(vectors, labels, 16, seed=3),
-                                        features.FeatureBatches(val_vectors, val_labels, 16), 4, [watcher])
+                                        features.FeatureBatches(val_vectors, val_labels, 16), 4, [watcher],
+                                        metrics, class_weight)
         runs[way] = (history.history, watcher.calls, head.get_weights())
         keras.backend.clear_session()
     (fit_history, fit_calls, fit_weights), (history, calls, weights) = runs["fit"], runs["fit_head"]
     # The same draws, the same computation: the same numbers (measured: bit for bit).
-    assert history.keys() == fit_history.keys() == {"loss", "accuracy", "val_loss", "val_accuracy"}
+    logged = {"loss", "accuracy"} | ({"balanced_accuracy", "macro_f1"} if weighted else set())
+    assert history.keys() == fit_history.keys() == logged | {f"val_{name}" for name in logged}
     for name in history:
         np.testing.assert_allclose(history[name], fit_history[name], rtol=1e-6)
     for got, expected in zip(weights, fit_weights):
         np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-7)
     assert [call[:2] for call in calls] == [call[:2] for call in fit_calls]  # the same hooks, in order
     assert calls[-1][1].keys() == fit_calls[-1][1].keys()
+
+
+def test_class_weights_weigh_the_training_loss_as_keras_does():
+    """With a learning rate of 0 the epoch's loss is the class-weighted cross-entropy summed over the
+    images and divided by their number (not by the sum of the weights); validation stays unweighted."""
+    rng = np.random.default_rng(1)
+    vectors, labels = rng.normal(size=(4, 40, 8)).astype(np.float32), rng.choice(3, 40, p=[0.6, 0.3, 0.1])
+    labels = labels.astype(np.int32)
+    initial = [rng.normal(size=(8, 3)).astype(np.float32), np.zeros(3, np.float32)]
+    losses = {}
+    for class_weight in (None, WEIGHTS):
+        head = features.new_head(initial)
+        head.compile(optimizer=training.make_optimizer("SGD", 0.0), loss=training.LOSS, metrics=["accuracy"])
+        batches = features.FeatureBatches(vectors, labels, 16, seed=3)
+        seen = next(iter(features.FeatureBatches(vectors, labels, 40, seed=3)))  # the epoch's draws, at once
+        logs = features.fit_head(head, batches, features.FeatureBatches(vectors[:1], labels, 16), 1, [],
+                                 class_weight=class_weight).history
+        probabilities = head.predict(seen[0], verbose=0)
+        cross_entropy = -np.log(probabilities[np.arange(40), seen[1]])
+        weights = np.ones(40) if class_weight is None else np.vectorize(class_weight.get)(seen[1])
+        assert logs["loss"][0] == pytest.approx(np.sum(weights * cross_entropy) / 40, rel=1e-5)
+        losses[str(class_weight)] = logs
+        keras.backend.clear_session()
+    unweighted, weighted = losses["None"], losses[str(WEIGHTS)]
+    assert weighted["loss"][0] != pytest.approx(unweighted["loss"][0], rel=1e-3)
+    assert weighted["val_loss"] == unweighted["val_loss"]
+
+
+def test_balanced_class_weights_are_scikit_learns_from_the_training_split():
+    labels = np.array([0] * 6 + [1] * 3 + [2] * 1)
+    assert training.class_weights("none", labels, 3) is None
+    weights = training.class_weights("balanced", labels, 3)
+    assert weights == pytest.approx({0: 10 / 18, 1: 10 / 9, 2: 10 / 3})
+    with pytest.raises(DataError, match=r"class index\(es\) \[3\] have no training images"):
+        training.class_weights("balanced", labels, 4)
 
 
 @pytest.fixture(scope="module")
@@ -296,6 +346,41 @@ def test_head_trained_from_the_cache_matches_the_on_the_fly_run(runs, manifest):
         assert row["loss"] == pytest.approx(reference["loss"], rel=1e-3)
     assert abs(cached.val_accuracy - on_the_fly.val_accuracy) <= 1 / val_images + 1e-6
     assert cached.val_accuracy > 0.25  # chance for 4 balanced classes
+
+
+@pytest.fixture(scope="module")
+def weighted_runs(manifest, tmp_path_factory):
+    """The classification block on a skewed split (one class keeps a third of its training images), with
+    balanced class weights and balanced accuracy as the objective, on the fly and from the caches."""
+    frame, names = manifest
+    rare = frame.index[(frame["label"] == names[-1]) & (frame["split"] == "train")][7:]
+    skewed = frame.drop(index=rare)
+    folder = tmp_path_factory.mktemp("weighted")
+    settings = SETTINGS.updated({"objective": "balanced_accuracy", "training.class_weight": "balanced",
+                                 "training.block_epochs": 2})
+    cached = settings.updated({"data.image_cache": True, "training.feature_cache": True})
+    return {
+        "on_the_fly": train_block(BACKBONE, "Adam", 0.01, skewed, names, folder / "on_the_fly", settings),
+        "cached": train_block(BACKBONE, "Adam", 0.01, skewed, names, folder / "cached", cached, folder / "cache"),
+        "frame": skewed,
+    }
+
+
+@pytest.mark.slow
+def test_the_cached_path_equals_the_on_the_fly_path_with_class_weights_and_another_objective(weighted_runs):
+    on_the_fly, cached = weighted_runs["on_the_fly"], weighted_runs["cached"]
+    frame = weighted_runs["frame"]
+    assert frame[frame["split"] == "train"]["label"].value_counts().min() == 7  # skewed: the weights are not 1
+    val_images = (frame["split"] == "val").sum()
+    assert cached.epochs == on_the_fly.epochs == 2
+    for row, reference in zip(cached.history, on_the_fly.history):
+        assert set(row) == set(reference) >= {"val_balanced_accuracy", "balanced_accuracy"}
+        assert row["loss"] == pytest.approx(reference["loss"], rel=1e-3)
+        assert abs(row["val_balanced_accuracy"] - reference["val_balanced_accuracy"]) <= 4 / val_images + 1e-6
+    for result in (on_the_fly, cached):
+        assert result.objective == "balanced_accuracy"
+        best = int(np.argmax([row["val_balanced_accuracy"] for row in result.history]))
+        assert (result.best_epoch, result.objective_value) == (best, result.history[best]["val_balanced_accuracy"])
 
 
 @pytest.mark.slow

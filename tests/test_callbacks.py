@@ -1,15 +1,17 @@
-"""Nonconvergence filtering (SPEC.md section 2) and the per-run callback list."""
+"""Nonconvergence filtering (docs/method.md section 2.1) and the per-run callback list, which follows the objective."""
 
 import keras
 import numpy as np
 import pandas as pd
 import pytest
 
+from conftest import experiment
 from tlopt import checkpoints
 from tlopt.callbacks import BestWeights, NonconvergenceFiltering, run_callbacks
 from tlopt.errors import ConfigError
-from tlopt.params import Training
 from tlopt.store import TrialFolder
+
+BALANCED = [10, 10, 10, 10]  # validation images per class: chance is 1/4
 
 
 @pytest.fixture(autouse=True)
@@ -122,8 +124,9 @@ REFERENCE = checkpoints.Reference("VGG16", None, 0, 32, "max", 2)
 
 
 def test_run_callbacks_are_the_thesis_list(tmp_path):
-    settings = Training(early_stopping_patience=4, nonconvergence={"threshold": 0.3, "patience": 2})
-    callbacks = _by_type(run_callbacks(TrialFolder(tmp_path), "block", settings, {}, REFERENCE))
+    settings = experiment({"training.early_stopping_patience": 4,
+                           "training.nonconvergence": {"threshold": 0.3, "patience": 2}})
+    callbacks = _by_type(run_callbacks(TrialFolder(tmp_path), "block", settings, BALANCED, {}, REFERENCE))
     assert set(callbacks) == {"CSVLogger", "BestWeights", "TensorBoard", "EarlyStopping", "NonconvergenceFiltering"}
     checkpoint = callbacks["BestWeights"]
     assert checkpoint.filepath == str(tmp_path / "block" / "best.weights.h5")
@@ -135,16 +138,16 @@ def test_run_callbacks_are_the_thesis_list(tmp_path):
 
 
 def test_nonconvergence_filtering_can_be_switched_off(tmp_path):
-    callbacks = run_callbacks(TrialFolder(tmp_path), "block", Training(nonconvergence={"enabled": False}), {},
-                              REFERENCE)
+    callbacks = run_callbacks(TrialFolder(tmp_path), "block", experiment({"training.nonconvergence.enabled": False}),
+                              BALANCED, {}, REFERENCE)
     assert "NonconvergenceFiltering" not in _by_type(callbacks)
 
 
 def test_run_callbacks_write_history_best_weights_and_tensorboard(tmp_path):
     phase_dir, tensorboard_dir = tmp_path / "block", tmp_path / "tensorboard" / "block"
     model = _tiny_model()
-    callbacks = run_callbacks(TrialFolder(tmp_path), "block", Training(early_stopping_patience=50),
-                              checkpoints.trained_layers(model), REFERENCE)
+    callbacks = run_callbacks(TrialFolder(tmp_path), "block", experiment({"training.early_stopping_patience": 50}),
+                              BALANCED, checkpoints.trained_layers(model), REFERENCE)
     _fit(callbacks, epochs=3, model=model)
     history = pd.read_csv(phase_dir / "history.csv")
     assert list(history["epoch"]) == [0, 1, 2]
@@ -169,3 +172,33 @@ def test_best_weights_keeps_the_layers_at_the_best_validation_accuracy_and_no_op
     for stored, best in zip(fresh.get_weights(), seen[1]):
         np.testing.assert_array_equal(stored, best)
     assert not np.array_equal(seen[1][0], seen[4][0])  # training went on after the best epoch
+
+
+@pytest.mark.parametrize(("objective", "key", "mode"), [
+    ("val_accuracy", "val_accuracy", "max"), ("balanced_accuracy", "val_balanced_accuracy", "max"),
+    ("macro_f1", "val_macro_f1", "max"), ("val_loss", "val_loss", "min"),
+])
+def test_the_checkpoint_early_stopping_and_the_filter_watch_the_objective(tmp_path, objective, key, mode):
+    callbacks = _by_type(run_callbacks(TrialFolder(tmp_path), "finetune", experiment({"objective": objective}),
+                                       BALANCED, {}, REFERENCE))
+    assert (callbacks["BestWeights"].monitor, callbacks["BestWeights"].mode) == (key, mode)
+    assert (callbacks["EarlyStopping"].monitor, callbacks["EarlyStopping"].mode) == (key, mode)
+    filtering = callbacks["NonconvergenceFiltering"]
+    assert (filtering.monitor, filtering.mode) == (key, mode)
+    # The thesis's 0.5 on accuracy; 0.1 above chance (1/4) otherwise; chance (ln 4) for the loss.
+    expected = {"val_accuracy": 0.5, "val_loss": np.log(4)}.get(objective, 0.25 + 0.1)
+    assert filtering.threshold == pytest.approx(expected)
+
+
+def test_a_monitor_set_in_the_file_does_not_follow_the_objective(tmp_path):
+    settings = experiment({"objective": "macro_f1", "training.nonconvergence.monitor": "val_accuracy",
+                           "training.nonconvergence.threshold": "2x chance"})
+    filtering = _by_type(run_callbacks(TrialFolder(tmp_path), "block", settings, [30, 10], {}, REFERENCE))[
+        "NonconvergenceFiltering"]
+    assert (filtering.monitor, filtering.threshold) == ("val_accuracy", 1.0)  # 2 x 1/2
+
+
+def test_a_fixed_threshold_below_chance_is_warned_about(tmp_path):
+    settings = experiment({"training.nonconvergence.threshold": 0.3})
+    with pytest.warns(UserWarning, match=r"threshold 0.3 is below chance \(0.5 for val_accuracy with 2 classes\)"):
+        run_callbacks(TrialFolder(tmp_path), "block", settings, [5, 5], {}, REFERENCE)

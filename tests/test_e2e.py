@@ -2,6 +2,7 @@
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 import nbformat
@@ -17,13 +18,16 @@ REPORT_SECTIONS = [
     "00 · Data split", "Sample images per class",
     "01 · Shared hyperparameters", "Did Bayesian optimization improve on its random initial points?",
     "04 · Layer optimization", "Surrogate and acquisition",
-    "05 · Analysis", "Validation accuracy of every run against epoch",
-    "Validation accuracy of every run against wall-clock time", "Strategy comparison", "Best hyperparameters",
+    "05 · Analysis", "The objective of every run against epoch",
+    "The objective of every run against wall-clock time", "Strategy comparison", "Best hyperparameters",
     "Final models: per-class metrics and confusion matrices", "Comparison with the dataset paper",
     "Time per strategy", "Nonconvergence filtering", "Environment",
-    "Validation and held-out test, side by side", "Failed trials and stopped runs",
+    "Validation, held-out test and external test, side by side", "Failed trials and stopped runs",
     "Summary", "The winner: shared", "The strategies side by side", "The notebooks", "Training noise",
     "ROC curves and AUC", "Calibration", "Explanation maps",
+    # The run's objective is balanced accuracy and it has an external test set (tests/conftest.py).
+    "objective: validation balanced accuracy (val_balanced_accuracy)", "The external test set and the search",
+    "External test set: 6 images",
 ]
 # What TensorFlow and absl write at start-up (absl's "I0000 00:00:..." prefix, the CPU feature guard, oneDNN).
 START_UP_LINE = re.compile(r"absl::|cpu_feature_guard|oneDNN|^[IWEF]\d{4} \d\d:\d\d:", re.MULTILINE)
@@ -60,7 +64,10 @@ def test_the_run_writes_every_file_of_the_results_layout(finished_run):
         assert metadata["end_time"] and not metadata["exception"]
         assert metadata["parameters"]["run_dir"] == str(run_dir)
     for trial in trials:
-        assert f"trial {trial['id']}: val_accuracy" in result.stdout
+        assert f"trial {trial['id']}: val_balanced_accuracy {trial['objective_value']:.3f}" in result.stdout
+        assert trial["objective"] == "balanced_accuracy"
+    for name in ("external.csv", "shared/predictions-val.json", "shared/predictions-external.json"):
+        assert (run_dir / name).is_file(), name
 
 
 def test_the_report_holds_every_section_and_fetches_nothing(finished_run):
@@ -93,16 +100,21 @@ def test_resume_of_a_finished_run_does_no_new_work(finished_run, ci_params):
     assert after == before, "resume wrote or changed files"
 
 
-def test_a_failing_notebook_stops_the_run_and_keeps_what_it_wrote(tmp_path):
+def test_a_failing_notebook_stops_the_run_and_keeps_what_it_wrote(tmp_path, demo_root):
+    """A dataset that passes `tlopt run`'s check but cannot be split: notebook 00 fails."""
+    for label, count in (("a", 4), ("b", 1)):
+        (tmp_path / "few" / label).mkdir(parents=True)
+        for image in sorted(demo_root.rglob("*.jpg"))[:count]:
+            shutil.copy(image, tmp_path / "few" / label)
     params = load_params(REPOSITORY / "params" / "ci.yaml",
-                         {"results_dir": str(tmp_path / "results"), "data.root": str(tmp_path / "nothing"),
+                         {"results_dir": str(tmp_path / "results"), "data.root": str(tmp_path / "few"),
                           "data.demo": None})
     result = run_tlopt("run", dump_params(params, tmp_path / "broken.yaml"), "--name", "broken")
 
     assert result.returncode == 1
     [line] = result.stderr.strip().splitlines()
     assert line.startswith("error: 00_data_split.ipynb failed in cell [")
-    assert f"DataError: dataset folder not found: {tmp_path / 'nothing'}" in line
+    assert "DataError: class 'b' has 1 image(s): too few" in line
     run_dir = tmp_path / "results" / "broken"
     assert (run_dir / "params.yaml").is_file() and (run_dir / "notebooks" / "00_data_split.ipynb").is_file()
     assert not (run_dir / "report.html").exists() and "01_shared_strategy" not in result.stdout

@@ -88,7 +88,7 @@ def test_routing_of_each_strategy(tmp_path, run_dir):
         for call in (block, finetune):
             assert (call["backbone"], call["optimizer"], call["learning_rate"]) == (
                 hp["backbone"], hp["optimizer"], hp["learning_rate"])
-        assert finetune["block_weights"] == str(run_dir / "runs" / record.id / "block" / "best.weights.h5")
+        assert finetune["block_weights"] == run_dir / "runs" / record.id / "block" / "best.weights.h5"
         assert finetune["delimiting_layer"] == int(2 / 3 * backbones.layer_count(hp["backbone"]))
 
     trainer.calls.clear()
@@ -107,7 +107,7 @@ def test_routing_of_each_strategy(tmp_path, run_dir):
     assert all(c["phase"] == "block" for c in trainer.calls if "-block-" in c["run_dir"].name)
     finetunes = [c for c in trainer.calls if "-finetune-" in c["run_dir"].name]
     assert finetunes and all(c["phase"] == "finetune" for c in finetunes)
-    assert {c["block_weights"] for c in finetunes} == {best_block.setup["block_weights"]}
+    assert {str(c["block_weights"]) for c in finetunes} == {best_block.setup["block_weights"]}
     assert {c["backbone"] for c in finetunes} == {best_block.setup["backbone"]}
     assert best.setup["block_optimizer"] == best_block.hyperparameters["optimizer"]
 
@@ -123,7 +123,7 @@ def test_routing_of_each_strategy(tmp_path, run_dir):
     final = optimize.run_layer_optimization(params, "shared", trainer=trainer, progress=False)
     model_best = json.loads((run_dir / "shared" / "best.json").read_text())["model"]
     assert trainer.calls and all(c["phase"] == "finetune" for c in trainer.calls)
-    assert {c["block_weights"] for c in trainer.calls} == {model_best["setup"]["block_weights"]}
+    assert {str(c["block_weights"]) for c in trainer.calls} == {model_best["setup"]["block_weights"]}
     assert {(c["backbone"], c["optimizer"], c["learning_rate"]) for c in trainer.calls} == {(
         model_best["setup"]["backbone"], model_best["setup"]["finetune_optimizer"],
         model_best["setup"]["finetune_learning_rate"])}

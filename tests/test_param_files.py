@@ -14,7 +14,8 @@ PARAMS = Path(__file__).resolve().parent.parent / "params"
 README = PARAMS.parent / "README.md"
 
 
-@pytest.mark.parametrize("name", ["ci", "demo", "kvasir", "nerthus", "thesis_kvasir", "thesis_nerthus"])
+@pytest.mark.parametrize("name", ["ci", "demo", "imbalanced_demo", "kvasir", "nerthus", "thesis_kvasir",
+                                  "thesis_nerthus"])
 def test_every_shipped_file_is_valid_and_keeps_its_results_in_the_repository(name):
     params = load_params(PARAMS / f"{name}.yaml")
     assert params.run_name == name
@@ -33,14 +34,25 @@ def test_thesis_files_are_faithful(dataset, folder):
     assert (params.weights, params.pooling) == ("imagenet", "max")
     assert params.learning_rate.model_dump() == {"min": 1e-4, "max": 1.0, "scale": "linear"}
     assert (training.block_epochs, training.finetune_epochs, training.early_stopping_patience) == (10, 50, 5)
-    assert training.nonconvergence.model_dump() == {"enabled": True, "monitor": "val_accuracy", "threshold": 0.5,
-                                          "patience": 5, "mode": "auto"}
+    filtering = training.nonconvergence
+    assert (filtering.enabled, filtering.patience, filtering.mode) == (True, 5, "auto")
+    assert (params.nonconvergence_monitor, params.nonconvergence_threshold) == ("val_accuracy", 0.5)
+    assert (params.objective, training.class_weight) == ("val_accuracy", "none")
+    assert (data.manifest, data.group_by, data.external_test) == (None, "filename", None)
     assert training.default_delimiting_fraction == pytest.approx(2 / 3)
     assert not training.feature_cache, "the thesis trained the block on flipped images, not cached features"
     assert (bo.method, bo.initial_points, bo.iterations, bo.acquisition) == ("bayesian", 5, 10, "EI")
     assert (bo.encoding, bo.eps, bo.per_backbone) == ("index", 1e-8, False)
     assert params.strategies == ["shared", "separate_hyperparameters", "separate_optimizations"]
     assert params.layer_optimization.model_dump() == {"enabled": True, "delimiting": "index"}
+
+
+def test_the_imbalanced_demo_optimizes_balanced_accuracy_with_balanced_class_weights():
+    params = load_params(PARAMS / "imbalanced_demo.yaml")
+    assert (params.objective, params.training.class_weight) == ("balanced_accuracy", "balanced")
+    assert params.data.demo.imbalance < 1 and params.weights is None
+    assert (params.nonconvergence_monitor, params.nonconvergence_threshold) == ("val_balanced_accuracy",
+                                                                                "chance+0.05")
 
 
 def test_nerthus_keeps_each_video_on_one_side():

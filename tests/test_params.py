@@ -23,9 +23,10 @@ def test_defaults_are_the_spec_values(tmp_path):
     assert params.backbones[0] == "Xception" and len(params.backbones) == 9
     assert params.optimizers == ["Nadam", "SGD", "RMSprop", "Adagrad", "Adam", "Adamax", "Adadelta"]
     assert params.training.block_epochs == 10 and params.training.finetune_epochs == 50
-    assert params.training.nonconvergence.model_dump() == {
-        "enabled": True, "monitor": "val_accuracy", "threshold": 0.5, "patience": 5, "mode": "auto"
-    }
+    filtering = params.training.nonconvergence
+    assert (filtering.enabled, filtering.patience, filtering.mode) == (True, 5, "auto")
+    assert (params.nonconvergence_monitor, params.nonconvergence_threshold) == ("val_accuracy", 0.5)
+    assert (params.objective, params.training.class_weight) == ("val_accuracy", "none")
     assert params.bo.initial_points == 5 and params.bo.iterations == 10 and params.bo.budget == 15
     assert params.bo.eps == 1e-8 and params.bo.acquisition == "EI"
     assert params.pooling == "max" and params.weights == "imagenet"

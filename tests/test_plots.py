@@ -31,14 +31,15 @@ def test_sample_grid_shows_images_of_every_class(tmp_path):
     assert [figure.axes[0].get_ylabel(), figure.axes[4].get_ylabel()] == ["blue", "red"]
 
 
-def trials_frame():
+def trials_frame(objective="val_accuracy", values=(0.4, 0.6, 0.8, 0.85, 0.5, None, 0.7)):
     return pd.DataFrame({
         "strategy": ["shared"] * 4 + ["joint"] * 3,
         "step": ["model"] * 3 + ["layers"] + ["model"] * 3,
         "index": [0, 1, 2, 0, 0, 1, 2],
         "method": ["initial", "initial", "bayesian", "initial", "initial", "initial", "bayesian"],
         "status": ["ok", "ok", "ok", "ok", "ok", "failed", "ok"],
-        "val_accuracy": [0.4, 0.6, 0.8, 0.85, 0.5, None, 0.7],
+        "objective": objective,
+        "objective_value": list(values),
     })
 
 
@@ -60,6 +61,28 @@ def test_strategy_comparison_tracks_each_strategy_over_all_its_steps():
     assert left.lines[1].get_ydata().tolist() == [0.5, 0.5, 0.7]
     right = figure.axes[1]
     assert [text.get_text() for text in right.get_legend().get_texts()] == ["model", "layers"]
+
+
+def test_figures_name_the_objective_and_follow_its_direction():
+    losses = trials_frame("val_loss", (0.9, 0.7, 0.8, 0.5, 1.2, None, 1.0))
+    progress = plots.bo_progress_figure(losses).axes[0]
+    assert progress.get_ylabel() == "val_loss"
+    assert progress.lines[0].get_ydata().tolist() == [0.9, 0.7, 0.7]  # the best so far of a loss falls
+    joint = plots.bo_progress_figure(losses).axes[2]
+    assert joint.collections[1].get_offsets()[0].tolist() == [2, 1.2]  # a failed trial at the largest loss
+    comparison = plots.strategy_comparison_figure(trials_frame("balanced_accuracy"))
+    assert comparison.axes[0].get_title() == "Best validation balanced accuracy so far"
+    history = history_frame().rename(columns={"val_accuracy": "val_macro_f1"})
+    epochs = plots.accuracy_by_epoch_figure(history, objective="macro_f1")
+    assert {axis.get_ylabel() for axis in epochs.axes} == {"val_macro_f1"}
+    clock = plots.accuracy_by_time_figure(history, objective="macro_f1").axes[0]
+    assert clock.get_title() == "Validation macro F1 of every run against wall-clock time"
+    convergence = plots.convergence_figure(np.zeros((3, 1)), np.exp(-np.array([0.9, 0.5, 0.7])), "val_loss")
+    assert convergence.axes[1].get_ylabel() == "best val_loss"
+    np.testing.assert_allclose(convergence.axes[1].lines[0].get_ydata(), [0.9, 0.5, 0.5])
+    texts = [text for figure in (progress.figure, comparison, epochs, clock.figure, convergence)
+             for axis in figure.axes for text in (axis.get_title(), axis.get_ylabel())]
+    assert not [text for text in texts if "accuracy" in text and "balanced" not in text], texts
 
 
 def history_frame():

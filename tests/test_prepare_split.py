@@ -36,7 +36,10 @@ def test_bad_files_are_skipped_with_a_warning_that_lists_them(dataset, tmp_path)
         "notes.txt", "truncated.jpg"]
     assert summary["images"] == 120 and len(summary["classes"]) == 4
     assert sum(summary["counts"][summary["classes"][0]].values()) == 30
-    assert data.read_manifest(run_dir / "split.csv").equals(frame)
+    assert data.read_split(run_dir).equals(frame)
+    stored = data.read_manifest(run_dir / "split.csv")  # relative to the root the summary records
+    assert stored["path"].iloc[0] == "dyed-lifted-polyps/dyed-lifted-polyps_0000.jpg"
+    assert summary["root"] == str(dataset)
 
 
 def test_bad_files_stop_the_run_when_asked(dataset, tmp_path):

@@ -204,4 +204,6 @@ def test_run_result_to_dict_is_plain_data():
         "seconds": 1.5,
         "weights_path": "w.weights.h5",
         "history": [{"epoch": 0, "loss": 1.0}],
+        "objective": "val_accuracy",
+        "objective_value": None,
     }

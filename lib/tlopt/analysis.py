@@ -17,15 +17,18 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from tlopt import bootstrap, data, metrics
+from tlopt import bootstrap, data, metrics, objectives
+from tlopt.errors import TloptError
 from tlopt.files import atomic_write_json, read_json
 from tlopt.params import Experiment
+from tlopt.plots import trial_values
 from tlopt.store import RunFolder
 from tlopt.strategies import strategy_names
 from tlopt.trials import Trial, TrialState
 
 PHASES = ("block", "finetune")
 RESULT_COLUMNS = ["val_accuracy", "val_loss", "epochs", "stopped_by", "status", "seconds"]
+EXTERNAL = "external"  # the split name of the external test set (`data.external_test`)
 Run = RunFolder | str | os.PathLike
 
 
@@ -65,34 +68,49 @@ def compared_trials(run: Run, other_runs: Sequence[Run] = ()) -> pd.DataFrame:
     for other in other_runs:
         name = RunFolder(other).name
         frames.append(read_trials(other).assign(label=lambda t: t["strategy"] + f" [{name}]"))
-    return pd.concat(frames, ignore_index=True)
+    compared = pd.concat(frames, ignore_index=True)
+    if compared["objective"].nunique() > 1:
+        raise TloptError(f"runs optimizing different objectives cannot be compared: "
+                         f"{', '.join(compared['objective'].unique())}")
+    return compared
+
+
+def _objective_column(trials: pd.DataFrame) -> dict[str, str]:
+    """The objective's value under its own log key (`val_balanced_accuracy`), unless a result column holds it."""
+    objective = objectives.get(trials["objective"].iloc[0] if len(trials) else None)
+    return {} if objective.key in RESULT_COLUMNS else {"objective_value": objective.key}
 
 
 def trials_table(trials: pd.DataFrame) -> pd.DataFrame:
-    """One row per trial: what BO chose (decoded), the delimiting layer trained, and the result."""
+    """One row per trial: what BO chose (decoded), the delimiting layer trained, and the result
+    (the objective's value first, when it is not validation accuracy or loss)."""
     chosen = [c for c in trials.columns if c.startswith("hyperparameters.") and trials[c].notna().any()]
     searched = "hyperparameters.delimiting_layer" in chosen  # layer optimization chose it
     layer = ["setup.delimiting_layer"] if "setup.delimiting_layer" in trials.columns and not searched else []
-    table = trials[["id", "step", "method", *chosen, *layer, *RESULT_COLUMNS]]
+    objective = _objective_column(trials)
+    table = trials[["id", "step", "method", *chosen, *layer, *objective, *RESULT_COLUMNS]]
     names = {c: c.removeprefix("hyperparameters.").removeprefix("setup.") for c in chosen + layer}
-    return table.rename(columns=names).set_index("id")
+    return table.rename(columns={**names, **objective}).set_index("id")
 
 
 def bo_improvement(trials: pd.DataFrame) -> pd.DataFrame:
-    """Per BO step: the best of the random initial points against the best of all trials.
+    """Per BO step: the objective's best value among the random initial points against the best of all trials.
 
     `improved` says whether a point chosen by the optimizer beat every initial point.
     """
+    objective, values = trial_values(trials)
+    best = np.max if objective.maximized else np.min
     rows = []
-    for (strategy, step), group in trials.groupby(["strategy", "step"], sort=False):
-        accuracy = group["val_accuracy"].astype(float).fillna(0.0)
+    for (strategy, step), group in trials.assign(value=values).groupby(["strategy", "step"], sort=False):
+        value = group["value"]
         initial = group["method"] == "initial"
-        best_initial = accuracy[initial].max() if initial.any() else np.nan
-        best_later = accuracy[~initial].max() if (~initial).any() else np.nan
+        best_initial = best(value[initial]) if initial.any() else np.nan
+        best_later = best(value[~initial]) if (~initial).any() else np.nan
+        improved = best_later > best_initial if objective.maximized else best_later < best_initial
         rows.append({
             "strategy": strategy, "step": step, "trials": len(group),
             "best_initial": best_initial, "best_after_initial": best_later,
-            "best": accuracy.max(), "improved": bool(best_later > best_initial),
+            "best": best(value), "improved": bool(improved),
         })
     return pd.DataFrame(rows)
 
@@ -144,13 +162,16 @@ def final_trial(run: Run, strategy: str) -> Trial:
 
 
 def trial_summary(trial: Trial) -> pd.DataFrame:
-    """A trial's id, result and complete setup, as one column (what `best.json` keeps)."""
-    return pd.Series({"trial": trial.id, "val_accuracy": trial.val_accuracy, "val_loss": trial.val_loss,
-                      **trial.setup}).to_frame(trial.step)
+    """A trial's id, result (the objective's value under its log key) and complete setup, as one column
+    (what `best.json` keeps)."""
+    result = {"val_accuracy": trial.val_accuracy, "val_loss": trial.val_loss,
+              objectives.get(trial.objective).key: trial.objective_value}
+    return pd.Series({"trial": trial.id, **result, **trial.setup}).to_frame(trial.step)
 
 
 def strategy_summary(run: Run) -> pd.DataFrame:
-    """One row per finished strategy: its final hyperparameters, accuracies, trials and time."""
+    """One row per finished strategy: its final hyperparameters, accuracies (and the objective's values,
+    when it is another measure), trials and time."""
     run = RunFolder(run)
     trials = read_trials(run)
     rows = []
@@ -169,11 +190,22 @@ def strategy_summary(run: Run) -> pd.DataFrame:
             "delimiting_layer": setup["delimiting_layer"],
             "model_val_accuracy": best["model"]["val_accuracy"],
             "final_val_accuracy": best["final"]["val_accuracy"] if "final" in best else np.nan,
+            **_objective_values(best),
             "final_trial": final.id,
             "trials": len(own),
             "minutes": own["seconds"].sum() / 60,
         })
     return pd.DataFrame(rows).set_index("strategy") if rows else pd.DataFrame()
+
+
+def _objective_values(best: dict) -> dict[str, float]:
+    """`model_<key>` and `final_<key>` of a best.json's trials, for an objective other than validation accuracy."""
+    model = Trial.from_record(best["model"])
+    key = objectives.get(model.objective).key
+    if key == "val_accuracy":
+        return {}
+    final = Trial.from_record(best["final"]).objective_value if "final" in best else np.nan
+    return {f"model_{key}": model.objective_value, f"final_{key}": final}
 
 
 @dataclass
@@ -208,7 +240,7 @@ def _predict_split(config: Experiment, run: RunFolder, strategy: str, rows: pd.D
     accepted too (stored as they are, as tlopt 0.1.0 stored them).
     """
     final = final_trial(run, strategy)
-    output = np.asarray(trainer.predict(final.setup["backbone"], final.weights, rows, names, config))
+    output = np.asarray(trainer.predict(final.setup["backbone"], run.local(final.weights), rows, names, config))
     predictions = {"trial": final.id, "class_names": names, "path": rows["path"].tolist(),
                    "true": rows["label"].map(names.index).tolist()}
     if output.ndim == 2:
@@ -220,26 +252,32 @@ def evaluate_final_model(config: Experiment, run: Run, strategy: str, split: str
                          trainer: Any = None) -> Evaluation:
     """Predict `split` with the strategy's final weights; per-class metrics, confusion matrix, intervals.
 
-    The predictions are stored (`<strategy>/predictions-<split>.json`, every class's
-    probability included) and reused, so the held-out test split is predicted exactly
-    once, after all optimization, however often the analysis runs. Files stored by the
-    first version (classes only) are read as they are. The intervals resample whole
-    groups when the split keeps groups together (`data.group_pattern`); `final.bootstrap_samples`
-    resamples, seeded by the run's seed. `trainer` defaults to `tlopt.training`.
+    `split` is one of the split's (val, test) or `EXTERNAL`, the external test set
+    (`data.external_test`), which the search never saw. The predictions are stored
+    (`<strategy>/predictions-<split>.json`, every class's probability included) and reused,
+    so the held-out and external test sets are predicted exactly once, after all
+    optimization, however often the analysis runs. Files stored by the first version
+    (classes only) are read as they are. The intervals resample whole groups when the split
+    keeps groups together (`data.group_pattern`); `final.bootstrap_samples` resamples,
+    seeded by the run's seed. `trainer` defaults to `tlopt.training`.
     """
     if trainer is None:
         from tlopt import training as trainer
     run = RunFolder(run)
-    manifest = data.read_manifest(run.split_file)
+    manifest = data.read_split(run)
     names = data.class_names(manifest)
+    rows = data.read_external(run) if split == EXTERNAL else manifest[manifest["split"] == split]
+    if rows is None:
+        raise TloptError(f"{run} has no external test set (data.external_test)")
     stored = run.predictions_file(strategy, split)
     if stored.is_file():
         predictions = read_json(stored)
     else:
-        predictions = _predict_split(config, run, strategy, manifest[manifest["split"] == split], names, trainer)
+        predictions = _predict_split(config, run, strategy, rows, names, trainer)
         atomic_write_json(stored, predictions)
     true, predicted = np.asarray(predictions["true"]), np.asarray(predictions["predicted"])
-    groups = manifest.set_index("path")["group"].reindex(predictions["path"]) if config.data.group_pattern else None
+    grouped = config.data.group_pattern and "group" in rows
+    groups = rows.set_index("path")["group"].reindex(predictions["path"]) if grouped else None
     probabilities = predictions.get("probabilities")
     return Evaluation(
         strategy=strategy,
@@ -321,6 +359,20 @@ def split_counts(split: pd.DataFrame) -> pd.DataFrame:
     return pd.crosstab(split["label"], split["split"], margins=True, margins_name="total")
 
 
+def split_balance(split: pd.DataFrame) -> pd.DataFrame:
+    """Per split: images, classes, groups (patients, videos), the largest and the smallest class and their
+    ratio (the imbalance ratio; 1 for balanced classes)."""
+    rows = {}
+    for name, rows_of_split in split.groupby("split", sort=False):
+        counts = rows_of_split["label"].value_counts()
+        rows[name] = {"images": len(rows_of_split), "classes": len(counts), "groups": rows_of_split["group"].nunique(),
+                      "largest_class": counts.idxmax(), "smallest_class": counts.idxmin(),
+                      "imbalance_ratio": counts.max() / counts.min()}
+    order = [name for name in (*data.SPLITS, EXTERNAL) if name in rows]
+    return pd.DataFrame(rows).T.loc[order].astype({"images": int, "classes": int, "groups": int,
+                                                   "imbalance_ratio": float})
+
+
 def failed_trials(trials: pd.DataFrame) -> pd.DataFrame:
     """The trials that failed, with their error: the report lists them rather than hiding them."""
     if trials.empty:
@@ -347,7 +399,7 @@ def stops_per_strategy(trials: pd.DataFrame) -> pd.DataFrame:
 
 def split_note(config: Experiment) -> str | None:
     """A warning in words when a Nerthus split is not grouped by video (docs/method.md section 1)."""
-    if "nerthus" in config.data.root.lower() and not config.data.group_pattern:
+    if "nerthus" in config.data.location.lower() and not config.data.group_pattern:
         return (
             "This Nerthus split is not grouped by video: frames of one video, near-duplicates of each "
             "other, are in both training and validation, which inflates validation accuracy (the thesis "
@@ -356,22 +408,33 @@ def split_note(config: Experiment) -> str | None:
     return None
 
 
+def with_support(evaluation: Evaluation) -> pd.DataFrame:
+    """An evaluation's per-class metrics with `support`, the images of each class in the split (the
+    `Average` row's: all the split's images), so that every number is read next to what it rests on."""
+    support = evaluation.confusion.sum(axis=1)
+    return evaluation.metrics.assign(support=[*support, support.sum()])
+
+
 def validation_and_test(evaluations: list[Evaluation]) -> pd.DataFrame:
-    """Each final model's average metrics on validation and on the held-out test split, side by side."""
-    rows = {(e.strategy, e.split): e.metrics.loc[metrics.AVERAGE_ROW, metrics.RATIO_COLUMNS] for e in evaluations}
+    """Each final model's average metrics on validation, the held-out test split and the external test set,
+    side by side, each split with its support (`images`)."""
+    rows = {(e.strategy, e.split): with_support(e).loc[metrics.AVERAGE_ROW, [*metrics.RATIO_COLUMNS, "support"]]
+            .rename({"support": "images"}) for e in evaluations}
     table = pd.DataFrame(rows).T
     table.index.names = ["strategy", "split"]
-    return table.unstack("split").swaplevel(axis=1).sort_index(axis=1, level=0)
+    order = [name for name in (*data.SPLITS, EXTERNAL) if name in table.index.get_level_values("split")]
+    table = table.unstack("split").swaplevel(axis=1)
+    return table[[(split, column) for split in order for column in [*metrics.RATIO_COLUMNS, "images"]]]
 
 
-# The final models with their uncertainty: intervals, ROC curves, calibration (docs/method.md section 10)
+# The final models with their uncertainty: intervals, ROC curves, calibration (docs/method.md section 14)
 
 CI = "95 % CI"
 
 
 def metrics_table(evaluation: Evaluation) -> pd.DataFrame:
-    """The per-class table with each class's recall interval (`REC 95 % CI`) beside it."""
-    table = evaluation.metrics.copy()
+    """The per-class table with each class's recall interval (`REC 95 % CI`) beside it, and its support."""
+    table = with_support(evaluation)
     recall = evaluation.intervals.loc[[bootstrap.recall_name(name) for name in evaluation.confusion.index]]
     cells = [f"[{low:.3f}, {high:.3f}]" for low, high in zip(recall["low"], recall["high"])]
     table.insert(table.columns.get_loc("REC") + 1, f"REC {CI}", [*cells, ""])

@@ -25,10 +25,14 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import keras
 
 from tlopt.errors import ConfigError, WeightsError
+
+if TYPE_CHECKING:
+    from tlopt.params import Experiment
 
 _APPS = keras.applications
 
@@ -147,6 +151,98 @@ def _keras_models_dir() -> Path:
     if not os.access(home, os.W_OK):
         home = Path("/tmp/.keras")
     return home / "models"
+
+
+def _mobilenet_v2_rows(image_size: int) -> int:
+    """The input size MobileNetV2's ImageNet weights are chosen by (224 for a size it has none for)."""
+    return image_size if image_size in (96, 128, 160, 192, 224) else 224
+
+
+def _imagenet_no_top_url(name: str, image_size: int) -> str:
+    """The URL of a backbone's ImageNet weights without top, from its keras.applications source module's
+    constants (the public modules do not export them); MobileNetV2's depend on the input size."""
+    from keras.src.applications import (densenet, efficientnet, inception_resnet_v2, inception_v3, mobilenet_v2,
+                                        mobilenet_v3, resnet, vgg16, vgg19, xception)
+
+    urls = {
+        "Xception": xception.WEIGHTS_PATH_NO_TOP,
+        "VGG16": vgg16.WEIGHTS_PATH_NO_TOP,
+        "VGG19": vgg19.WEIGHTS_PATH_NO_TOP,
+        "ResNet50": f"{resnet.BASE_WEIGHTS_PATH}resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5",
+        "InceptionV3": inception_v3.WEIGHTS_PATH_NO_TOP,
+        "InceptionResNetV2": f"{inception_resnet_v2.BASE_WEIGHT_URL}"
+                             "inception_resnet_v2_weights_tf_dim_ordering_tf_kernels_notop.h5",
+        "DenseNet121": densenet.DENSENET121_WEIGHT_PATH_NO_TOP,
+        "DenseNet169": densenet.DENSENET169_WEIGHT_PATH_NO_TOP,
+        "DenseNet201": densenet.DENSENET201_WEIGHT_PATH_NO_TOP,
+        "ResNet50V2": f"{resnet.BASE_WEIGHTS_PATH}resnet50v2_weights_tf_dim_ordering_tf_kernels_notop.h5",
+        "MobileNetV2": f"{mobilenet_v2.BASE_WEIGHT_PATH}mobilenet_v2_weights_tf_dim_ordering_tf_kernels_"
+                       f"1.0_{_mobilenet_v2_rows(image_size)}_no_top.h5",
+        "MobileNetV3Small": f"{mobilenet_v3.BASE_WEIGHT_PATH}weights_mobilenet_v3_small_224_1.0_float_no_top_v2.h5",
+        "MobileNetV3Large": f"{mobilenet_v3.BASE_WEIGHT_PATH}weights_mobilenet_v3_large_224_1.0_float_no_top_v2.h5",
+        "MobileNetV3SmallMinimalistic": f"{mobilenet_v3.BASE_WEIGHT_PATH}"
+                                        "weights_mobilenet_v3_small_minimalistic_224_1.0_float_no_top_v2.h5",
+        "EfficientNetB0": f"{efficientnet.BASE_WEIGHTS_PATH}efficientnetb0_notop.h5",
+    }
+    return urls[name]
+
+
+def imagenet_weights(name: str, image_size: int) -> tuple[Path, str]:
+    """Where Keras keeps the ImageNet weights (without top) of backbone `name` at `image_size`, and their URL.
+
+    Keras caches each file under its URL's last component in its models folder; nothing
+    is downloaded here.
+    """
+    get_backbone(name)
+    url = _imagenet_no_top_url(name, image_size)
+    return _keras_models_dir() / url.rsplit("/", 1)[-1], url
+
+
+def check_weights(config: Experiment, download: bool = True,
+                  fetch: Callable[[str, str, Path], object] | None = None) -> list[Path]:
+    """Make sure every backbone the run may choose has its pretrained weights on this machine.
+
+    Called before the first trial (and by anything that trains elsewhere, a worker on
+    another machine): a missing file would otherwise fail every trial that draws its
+    backbone, and the search would learn to avoid a backbone that was never trained. With
+    `weights: imagenet`, missing files are downloaded into Keras's own cache when
+    `download` (`fetch(file_name, url, folder)` does it; Keras's `get_file` by default);
+    whatever is still missing is one WeightsError that lists every file and where it
+    goes. A local weights file must exist. Returns the weights files the run uses.
+    """
+    if config.weights is None:
+        return []
+    if config.weights != "imagenet":
+        if not Path(config.weights).is_file():
+            raise WeightsError(f"weights file not found: {config.weights}")
+        return [Path(config.weights)]
+    fetch = fetch or _keras_download
+    files, missing = [], []
+    for name in config.backbones:
+        path, url = imagenet_weights(name, config.data.image_size)
+        files.append(path)
+        if path.is_file():
+            continue
+        if download:
+            try:
+                fetch(path.name, url, path.parent)
+            except Exception:  # noqa: BLE001 - offline, a proxy, an HTTP error: listed below
+                pass
+        if not path.is_file():
+            missing.append((name, path, url))
+    if missing:
+        listing = "; ".join(f"{name} needs {path.name} (from {url})" for name, path, url in missing)
+        where = "are not" if not download else "are not in Keras's cache and cannot be downloaded here: they go"
+        raise WeightsError(
+            f"ImageNet weights of {len(missing)} backbone(s) {where} in {missing[0][1].parent}/: {listing}; "
+            f"`tlopt weights PARAMS` on a machine with internet downloads them there, to copy over"
+        )
+    return files
+
+
+def _keras_download(file_name: str, url: str, folder: Path) -> None:
+    """Keras's own download into its cache (`keras.utils.get_file`)."""
+    keras.utils.get_file(file_name, url, cache_dir=str(folder.parent), cache_subdir=folder.name)
 
 
 # Keras's message when a download fails (offline, HTTP error): "URL fetch failure on <url>: ...".

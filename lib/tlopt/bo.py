@@ -10,6 +10,8 @@ suggestion: a pure function of the evaluations so far and a seed, made by GPyOpt
 
 from __future__ import annotations
 
+import contextlib
+import io
 import warnings
 import zlib
 from collections.abc import Iterator
@@ -59,7 +61,8 @@ def _gp_context() -> Iterator[None]:
         yield
 
 
-def _bayesian_optimization(space: SearchSpace, X: np.ndarray, Y: np.ndarray, bo: BayesianOptimization):
+def _bayesian_optimization(space: SearchSpace, X: np.ndarray, Y: np.ndarray, bo: BayesianOptimization,
+                           de_duplication: bool = False):
     """A GPyOpt BayesianOptimization over the evaluations so far (library defaults)."""
     GPyOpt, _, _ = _gpyopt()
     return GPyOpt.methods.BayesianOptimization(
@@ -71,20 +74,50 @@ def _bayesian_optimization(space: SearchSpace, X: np.ndarray, Y: np.ndarray, bo:
         normalize_Y=True,
         initial_design_numdata=bo.initial_points,
         model_update_interval=1,
+        de_duplication=de_duplication,
     )
 
 
-def suggest(space: SearchSpace, X: np.ndarray, Y: np.ndarray, bo: BayesianOptimization, seed: int) -> np.ndarray:
+class DomainExhausted(Exception):
+    """Every point of a discrete domain has been evaluated or is running: nothing new to suggest."""
+
+
+def constant_lie(Y: np.ndarray) -> float:
+    """The value each running trial's point gets while it runs: the worst score among `Y`.
+
+    `Y` holds negated scores, so the worst is the largest (a failed trial's 0 included);
+    docs/decisions.md says why the pessimistic lie.
+    """
+    return float(np.max(Y))
+
+
+def suggest(space: SearchSpace, X: np.ndarray, Y: np.ndarray, bo: BayesianOptimization, seed: int,
+            pending: np.ndarray | None = None) -> np.ndarray:
     """The next point: GP + acquisition (method `bayesian`) or uniform random (`random`).
 
     `Y` holds the negated scores (GPyOpt minimizes). Raises `np.linalg.LinAlgError` when
-    the GP cannot be fitted.
+    the GP cannot be fitted. `pending` (rows of trials still running; given, even empty, in
+    parallel steps) makes it a constant liar (docs/method.md section 4.1): the pending rows
+    join X with `constant_lie(Y)`, and GPyOpt's de-duplication keeps the new point off every
+    row of X; `DomainExhausted` when no point is left.
     """
     if bo.method == "random":
         return initial_points(space, 1, seed)
     np.random.seed(seed)
-    with _gp_context():
-        return _bayesian_optimization(space, X, Y, bo).suggest_next_locations()
+    if pending is None:
+        with _gp_context():
+            return _bayesian_optimization(space, X, Y, bo).suggest_next_locations()
+    pending = np.asarray(pending, dtype=float).reshape(-1, X.shape[1])
+    lies = np.full((len(pending), 1), constant_lie(Y))
+    from GPyOpt.core.errors import FullyExploredOptimizationDomainError
+
+    # GPyOpt prints (not logs) a warning when few candidates are left; a notebook need not show it.
+    with _gp_context(), contextlib.redirect_stdout(io.StringIO()):
+        try:
+            return _bayesian_optimization(space, np.vstack([X, pending]), np.vstack([Y, lies]), bo,
+                                          de_duplication=True).suggest_next_locations()
+        except FullyExploredOptimizationDomainError as error:
+            raise DomainExhausted(str(error)) from None
 
 
 def write_files(step_dir: Path, space: SearchSpace, X: np.ndarray, Y: np.ndarray, bo: BayesianOptimization,
@@ -103,8 +136,8 @@ def write_files(step_dir: Path, space: SearchSpace, X: np.ndarray, Y: np.ndarray
 def surrogate_surface(space: SearchSpace, X: np.ndarray, Y: np.ndarray, bo: BayesianOptimization) -> dict | None:
     """The GP's prediction and the acquisition on a grid, for domains of 1 or 2 variables.
 
-    Values are turned back into validation accuracy (GPyOpt models the normalized,
-    negated accuracy). None for larger domains. `plots.acquisition_figure` draws it.
+    Values are turned back into scores (the objective's value, or exp(-loss); GPyOpt models
+    the normalized, negated score). None for larger domains. `plots.acquisition_figure` draws it.
     """
     variables = space.variables
     numeric = [v for v in variables if not hasattr(v, "options")]

@@ -1,4 +1,4 @@
-"""Bootstrap confidence intervals of a final model's scores (docs/method.md section 10).
+"""Bootstrap confidence intervals of a final model's scores (docs/method.md section 14).
 
 A validation or test split of a few hundred images leaves every score uncertain by several
 points (100 images of a class: about +-6 points of accuracy). The percentile bootstrap

@@ -1,14 +1,19 @@
-"""The callbacks of every training run, and the thesis's nonconvergence filter."""
+"""The callbacks of every training run, and the thesis's nonconvergence filter.
+
+The checkpoint, EarlyStopping and the filter watch the run's objective (`tlopt.objectives`):
+validation accuracy unless the parameter file names another.
+"""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import keras
 
-from tlopt import checkpoints
+from tlopt import checkpoints, objectives
 from tlopt.errors import ConfigError
-from tlopt.params import Training
+from tlopt.params import Experiment
 from tlopt.store import TrialFolder
 
 
@@ -68,55 +73,70 @@ class NonconvergenceFiltering(keras.callbacks.Callback):
 
 
 class BestWeights(keras.callbacks.Callback):
-    """At each new best validation accuracy, write the checkpoint of the layers the run trains (`tlopt.checkpoints`).
+    """At each new best value of `monitor` (the objective), write the checkpoint of the layers the run trains.
 
     `layers` are the trained layers by key (`checkpoints.trained_layers` of the transfer
     model, or of the Dense layer alone on cached features); `reference` names the rest.
     No optimizer state: nothing reads it once the run has ended. A NaN never improves.
+    `mode`: "max" or "min", the objective's direction.
     """
 
-    def __init__(self, filepath: str, layers: dict[str, keras.layers.Layer], reference: checkpoints.Reference) -> None:
+    def __init__(self, filepath: str, layers: dict[str, keras.layers.Layer], reference: checkpoints.Reference,
+                 monitor: str = "val_accuracy", mode: str = "max") -> None:
         super().__init__()
         self.filepath = filepath
         self.layers = layers
         self.reference = reference
-        self.best = -math.inf
+        self.monitor = monitor
+        self.mode = mode
+        self.best = self._worst()
+
+    def _worst(self) -> float:
+        return -math.inf if self.mode == "max" else math.inf
 
     def on_train_begin(self, logs: dict | None = None) -> None:
-        self.best = -math.inf
+        self.best = self._worst()
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-        value = float((logs or {}).get("val_accuracy", math.nan))
-        if value > self.best:
+        value = float((logs or {}).get(self.monitor, math.nan))
+        if value > self.best if self.mode == "max" else value < self.best:
             self.best = value
             checkpoints.write(self.filepath, self.layers, self.reference)
 
 
+def nonconvergence_threshold(config: Experiment, class_counts: Sequence[int]) -> float:
+    """The filter's threshold as a number, for the validation images per class (chance depends on them)."""
+    return objectives.resolve_threshold(config.nonconvergence_threshold, config.nonconvergence_monitor, class_counts)
+
+
 def run_callbacks(
-    folder: TrialFolder, phase: str, training: Training, layers: dict[str, keras.layers.Layer],
-    reference: checkpoints.Reference,
+    folder: TrialFolder, phase: str, config: Experiment, class_counts: Sequence[int],
+    layers: dict[str, keras.layers.Layer], reference: checkpoints.Reference,
 ) -> list[keras.callbacks.Callback]:
     """The callbacks of one run (classification block or fine-tuning) of a trial.
 
     The phase's folder receives `history.csv` (per-epoch scalars) and `best.weights.h5`
-    (the weights of the trained `layers` at the best validation accuracy, with the
-    `reference` to the rest); its TensorBoard folder the event files (scalars only: no graph,
-    no profiling, which cost seconds per run). EarlyStopping watches validation accuracy;
+    (the weights of the trained `layers` at the objective's best value, with the `reference`
+    to the rest, `tlopt.checkpoints`); its TensorBoard folder the event files (scalars only: no
+    graph, no profiling, which cost seconds per run). EarlyStopping watches the objective;
     nonconvergence filtering is added when `training.nonconvergence.enabled` is on.
+    `class_counts` (validation images per class) set a threshold relative to chance.
     """
+    objective, training = objectives.get(config.objective), config.training
     folder.phase_dir(phase).mkdir(parents=True, exist_ok=True)
     callbacks = [
         keras.callbacks.CSVLogger(str(folder.history(phase))),
-        BestWeights(str(folder.weights(phase)), layers, reference),
+        BestWeights(str(folder.weights(phase)), layers, reference, objective.key, objective.mode),
         keras.callbacks.TensorBoard(log_dir=str(folder.tensorboard(phase)), write_graph=False, profile_batch=0),
-        keras.callbacks.EarlyStopping(monitor="val_accuracy", mode="max", patience=training.early_stopping_patience),
+        keras.callbacks.EarlyStopping(monitor=objective.key, mode=objective.mode,
+                                      patience=training.early_stopping_patience),
     ]
     filtering = training.nonconvergence
     if filtering.enabled:
         callbacks.append(
             NonconvergenceFiltering(
-                monitor=filtering.monitor, threshold=filtering.threshold, patience=filtering.patience,
-                mode=filtering.mode,
+                monitor=config.nonconvergence_monitor, threshold=nonconvergence_threshold(config, class_counts),
+                patience=filtering.patience, mode=filtering.mode,
             )
         )
     return callbacks

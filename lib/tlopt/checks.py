@@ -7,9 +7,8 @@ calls one, so `tlopt run` and the notebook tests fail on a search that broke its
 from __future__ import annotations
 
 from itertools import pairwise
-from pathlib import Path
 
-from tlopt import backbones
+from tlopt import backbones, objectives
 from tlopt.analysis import strategy_trials
 from tlopt.params import Experiment
 from tlopt.store import RunFolder
@@ -23,7 +22,8 @@ def _check_search(config: Experiment, run: RunFolder, strategy: str, steps: tupl
     finished = trials[trials["status"] == TrialState.OK]
     assert (trials.groupby(["strategy", "step"]).size() <= config.bo.budget).all(), \
         "a step ran more trials than its budget"
-    assert best.val_accuracy == finished[finished["step"] == steps[-1]]["val_accuracy"].max(), \
+    last = finished[finished["step"] == steps[-1]]["objective_value"]
+    assert best.score == last.map(objectives.get(config.objective).score).max(), \
         "the best trial is not the best of the last step"
     _check_checkpoints(config, run, strategy, steps)
     for label, _ in strategy_runs(config, strategy):
@@ -43,13 +43,13 @@ def _check_checkpoints(config: Experiment, run: RunFolder, strategy: str, steps:
             best = best_trial(finished)
             for trial in finished:
                 if keep_all or trial is best:
-                    assert trial.id == superseded or Path(trial.weights).is_file(), f"{trial.id} lost its weights"
+                    assert trial.id == superseded or run.local(trial.weights).is_file(), f"{trial.id} lost its weights"
                 else:
                     folder = run.trial(trial.id)
                     assert not any(folder.weights(phase).is_file() for phase in ("block", "finetune")), \
                         f"{trial.id} was beaten in its step and still has its checkpoints"
             if best is not None and "block_weights" in best.setup:
-                assert Path(best.setup["block_weights"]).is_file(), f"{best.id}: its block weights are gone"
+                assert run.local(best.setup["block_weights"]).is_file(), f"{best.id}: its block weights are gone"
 
 
 def _check_builds_on(trial: Trial, basis: dict) -> None:

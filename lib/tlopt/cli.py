@@ -1,10 +1,13 @@
 """`tlopt run` executes the notebook suite on a parameter file; `tlopt report` renders a run;
-`tlopt export` writes its model as one file and `tlopt predict` classifies new images with it.
+`tlopt export` writes its model as one file and `tlopt predict` classifies new images with it;
+`tlopt weights` downloads the pretrained weights a parameter file needs.
 
 The notebooks are the program: `tlopt run` only decides which notebooks run,
 in what order and with which parameters, and executes them with papermill, in a kernel
 of this very interpreter. Everything a run writes stays in its folder, so a stopped or
-failed run resumes from the first notebook that did not finish.
+failed run resumes from the first notebook that did not finish. Before it makes a run
+folder, `tlopt run` checks the dataset and the pretrained weights, so that a mistyped
+path or an offline machine costs one error line, not a run folder to clean up.
 """
 
 from __future__ import annotations
@@ -20,7 +23,10 @@ import time
 from pathlib import Path
 from typing import TextIO
 
+from tlopt import data
+from tlopt.backbones import check_weights
 from tlopt.errors import TloptError
+from tlopt.objectives import get as get_objective
 from tlopt.params import Experiment, load_params
 from tlopt.report import render_report
 from tlopt.store import RunFolder, TrialStore
@@ -98,8 +104,9 @@ def check_kernel() -> None:
 def restrict_gpus(count: int) -> None:
     """Make only the first `count` GPUs visible to the notebooks' kernels (0: CPU only).
 
-    The kernels inherit this process's environment. Trials run one after another, and
-    TensorFlow trains each on the first visible GPU, so more than one GPU is not faster.
+    The kernels inherit this process's environment, and so does the Ray that a parallel
+    step starts in a kernel: its trials share these GPUs (`execution.gpus_per_trial`).
+    One trial at a time trains on the first visible GPU only.
     """
     available = os.environ.get("CUDA_VISIBLE_DEVICES")
     devices = available.split(",") if available else [str(index) for index in range(count)]
@@ -127,7 +134,8 @@ def native_stderr_silenced():
 
 
 class TrialPrinter(threading.Thread):
-    """Prints a line for every trial that a notebook finishes (a search runs for hours)."""
+    """Prints a line for every trial that a notebook finishes (a search runs for hours); the store's
+    `records` are the finished trials only, so trials issued to Ray and still running are not printed."""
 
     def __init__(self, trials: TrialStore):
         super().__init__(daemon=True)
@@ -142,7 +150,8 @@ class TrialPrinter(threading.Thread):
     def print_new(self) -> None:
         records = self.trials.records()
         for trial in records[self.seen:]:
-            result = f"val_accuracy {trial.val_accuracy:.3f}" if trial.ok else trial.error
+            key = get_objective(trial.objective).key
+            result = f"{key} {trial.objective_value:.3f}" if trial.ok else trial.error
             print(f"    trial {trial.id}: {result} ({trial.seconds:.0f} s)", flush=True)
         self.seen = len(records)
 
@@ -198,26 +207,53 @@ def lock_run_dir(run_dir: Path) -> TextIO:
     return handle
 
 
+def _stopped_before_its_split(run: RunFolder) -> bool:
+    """A tlopt run folder that holds nothing computed: it failed before its split (a wrong data.root, say)."""
+    return run.params_file.is_file() and not run.split_file.exists() and not run.trials_file.exists()
+
+
 def open_run_dir(args: argparse.Namespace) -> tuple[Experiment, RunFolder, TextIO]:
-    """The run's parameters, folder and lock: a new folder (`--name`, `--replace`) or a resumed one."""
+    """The run's parameters, folder and lock: a new folder (`--name`, `--replace`) or a resumed one.
+
+    A resumed run folder may have moved (to another machine); it keeps its dataset's
+    location (data.root, data.manifest, data.external_test), which `--data-root` and
+    `--external-test` move (`data.relocate`). The dataset and the pretrained weights are checked before a new
+    folder is made; a folder that stopped before its split is started again without `--replace`.
+    """
     overrides: dict = {}
+    lock: TextIO | None = None
     if args.no_nonconvergence_filter:
         overrides["training.nonconvergence.enabled"] = False
+    if args.parallel is not None:
+        overrides["execution.parallel_trials"] = args.parallel
+    if args.ray_address is not None:
+        overrides["execution.ray_address"] = args.ray_address
     if args.resume:
         resumed = RunFolder(Path(args.resume).resolve())
         if not resumed.params_file.is_file():
             raise TloptError(f"cannot resume {resumed}: not a run folder (no {RunFolder.PARAMS})")
+        lock = lock_run_dir(resumed.path)
+        data.relocate(resumed, args.data_root, args.external_test)  # the folder, or its data, may have moved
+        stored = resumed.read_params().get("data") or {}
+        overrides.update({f"data.{key}": stored[key] for key in data.LOCATIONS if stored.get(key) is not None})
         overrides.update(run_name=resumed.name, results_dir=str(resumed.path.parent))
     elif args.name:
         overrides["run_name"] = args.name
     config = load_params(args.params, overrides)
     run = RunFolder.of(config)
-    lock = lock_run_dir(run.path)
-    if not args.resume and run.path.exists():
+    if lock is None:
+        lock = lock_run_dir(run.path)
+    replacing = not args.resume and run.path.exists()
+    if replacing and not (args.replace or _stopped_before_its_split(run)):
+        raise TloptError(f"{run} already exists: choose another --name, --resume it or --replace it")
+    if replacing and any(run.path.iterdir()) and not run.params_file.is_file():
+        raise TloptError(f"refusing to replace {run}: it is not a tlopt run folder")
+    if not (args.resume and run.split_file.is_file()):
+        data.check_dataset(config)
+    check_weights(config)
+    if replacing:
         if not args.replace:
-            raise TloptError(f"{run} already exists: choose another --name, --resume it or --replace it")
-        if any(run.path.iterdir()) and not run.params_file.is_file():
-            raise TloptError(f"refusing to replace {run}: it is not a tlopt run folder")
+            print(f"{run} stopped before its split: starting it again", flush=True)
         shutil.rmtree(run.path)
     return config, RunFolder.open(config, run), lock
 
@@ -284,6 +320,20 @@ def predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def weights(args: argparse.Namespace) -> int:
+    """Download the pretrained weights of every backbone of a parameter file into Keras's cache."""
+    with native_stderr_silenced():
+        import tensorflow  # noqa: F401  (its start-up log stays out)
+
+    config = load_params(args.params)
+    files = check_weights(config)
+    if not files:
+        print("weights: null: random initialisation, nothing to download")
+    for path in files:
+        print(f"weights: {path}", flush=True)
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     main_parser = argparse.ArgumentParser(prog="tlopt", description=__doc__.splitlines()[0])
     commands = main_parser.add_subparsers(dest="command", required=True)
@@ -302,10 +352,19 @@ def parser() -> argparse.ArgumentParser:
     folder.add_argument("--resume", metavar="DIR", help="continue the run in DIR where it stopped")
     run_parser.add_argument("--replace", action="store_true",
                             help="delete an existing run folder of the same name first")
+    run_parser.add_argument("--data-root", metavar="DIR",
+                            help="with --resume: the dataset has moved to DIR (the folder per class, or the "
+                                 "manifest's folder)")
+    run_parser.add_argument("--external-test", metavar="PATH",
+                            help="with --resume: the external test set has moved to PATH (its folder or manifest)")
     run_parser.add_argument("--no-nonconvergence-filter", action="store_true",
                             help="switch nonconvergence filtering off (training.nonconvergence.enabled)")
     run_parser.add_argument("--gpus", type=int, metavar="N",
-                            help="make only the first N GPUs visible (0: CPU only); trials use one at a time")
+                            help="make only the first N GPUs visible (0: CPU only); parallel trials share them")
+    run_parser.add_argument("--parallel", type=int, metavar="K",
+                            help="run K trials of each BO step at once, on Ray (execution.parallel_trials)")
+    run_parser.add_argument("--ray-address", metavar="ADDR",
+                            help="join the Ray cluster at ADDR (execution.ray_address) instead of starting Ray here")
     run_parser.set_defaults(handler=run)
 
     report_parser = commands.add_parser("report", help="render <run>/report.html from the executed notebooks")
@@ -336,6 +395,14 @@ def parser() -> argparse.ArgumentParser:
     predict_parser.add_argument("--explain", metavar="DIR",
                                 help="also write a Grad-CAM overlay of each image's predicted class to DIR")
     predict_parser.set_defaults(handler=predict)
+
+    weights_parser = commands.add_parser(
+        "weights", help="download the pretrained weights a parameter file needs",
+        description="Download the ImageNet weights of every backbone of PARAMS into Keras's cache "
+                    "(on a machine with internet, to copy to one without).",
+    )
+    weights_parser.add_argument("params", help="the parameter file (YAML)")
+    weights_parser.set_defaults(handler=weights)
     return main_parser
 
 
@@ -344,8 +411,12 @@ def main(argv: list[str] | None = None) -> int:
     args = command_line.parse_args(argv)
     if getattr(args, "replace", False) and args.resume:
         command_line.error("--replace cannot be combined with --resume")
+    if (getattr(args, "data_root", None) or getattr(args, "external_test", None)) and not args.resume:
+        command_line.error("--data-root and --external-test move a resumed run's data: use them with --resume")
     if getattr(args, "gpus", None) is not None and args.gpus < 0:
         command_line.error("--gpus must be 0 or more")
+    if getattr(args, "parallel", None) is not None and args.parallel < 1:
+        command_line.error("--parallel must be 1 or more")
     try:
         return args.handler(args)
     except TloptError as error:

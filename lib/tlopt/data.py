@@ -1,9 +1,17 @@
-"""The dataset: discover a folder-per-class tree, check its images, split it, feed it to Keras.
+"""The dataset: read a folder-per-class tree or a manifest, check its images, split it, feed it to Keras.
 
-Labels are the class folder names (strings, also for Nerthus's `0`..`3`); a model sees
-integer indices into the sorted class names. Decoding and resizing an image costs far
-more than everything after it, so the decoded pixels can be cached on disk once per
-(set of images, image size) and read from there by every epoch and trial (`cache_images`).
+Labels are the class folder names (strings, also for Nerthus's `0`..`3`) or a manifest's
+`label` column; a model sees integer indices into the sorted class names. Groups (a
+patient, a video) never span two splits: they come from a manifest's `group` column, the
+patient folders below the classes (`data.group_by: folder`) or a regex on the file name
+(docs/method.md sections 6 and 13). A run's `split.csv` holds paths relative to the
+dataset's root, recorded in `split_summary.json`, so that a run can follow its dataset to
+another machine (`relocate`). An external test set (`data.external_test`) is read and
+checked with the split and kept apart in `external.csv`, for one evaluation at the end.
+
+Decoding and resizing an image costs far more than everything after it, so the decoded
+pixels can be cached on disk once per (set of images, image size) and read from there by
+every epoch and trial (`cache_images`).
 """
 
 from __future__ import annotations
@@ -20,62 +28,88 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import tensorflow as tf
+import yaml
 from PIL import Image
 from sklearn.model_selection import train_test_split
 
 from tlopt.errors import DataError
-from tlopt.files import atomic_path, atomic_write_json, read_json
+from tlopt.files import atomic_path, atomic_write_json, atomic_write_text, build_once, read_json
 from tlopt.params import Experiment
 from tlopt.store import RunFolder
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif"})
 MANIFEST_COLUMNS = ["path", "label", "group", "split"]
+SPLITS = ("train", "val", "test")
+# The data section's keys that say where files are: a run may follow them elsewhere (`relocate`).
+LOCATIONS = ("root", "manifest", "external_test")
 # The formats tf.io.decode_image reads (MPO is a JPEG with extra frames); PIL opens more
 # (TIFF, WebP, ...), which would fail in training.
 _TF_FORMATS = frozenset({"JPEG", "MPO", "PNG", "BMP", "GIF"})
 
 
-def _image_files(folder: Path) -> list[Path]:
-    return [
-        entry
-        for entry in folder.iterdir()
-        if entry.is_file() and not entry.name.startswith(".") and entry.suffix.lower() in IMAGE_EXTENSIONS
-    ]
+def _files_below(folder: Path) -> list[Path]:
+    """Every file below `folder`, at any depth, hidden files and folders (`.ipynb_checkpoints`, `._*`) left out."""
+    found = []
+    for directory, folders, files in os.walk(folder, followlinks=True):
+        folders[:] = sorted(name for name in folders if not name.startswith("."))
+        found += [Path(directory) / name for name in sorted(files) if not name.startswith(".")]
+    return found
 
 
-def discover(root: str | os.PathLike) -> pd.DataFrame:
-    """List the images of a folder-per-class dataset as DataFrame[path, label].
+def _is_image(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_EXTENSIONS
 
-    The label is the class folder's name. Some Kvasir mirrors double each class folder
-    (`<class>/<class>/*.jpg`); those images count for the class too. Hidden entries
-    (`.ipynb_checkpoints`, macOS `._*` files) are skipped. Files are matched by extension
-    only; `find_bad_images` checks that they decode.
-    """
-    root = Path(os.path.abspath(root))
+
+def _class_dirs(root: Path) -> list[Path]:
     if not root.is_dir():
         raise DataError(f"dataset folder not found: {root}")
-    class_dirs = sorted(
-        entry for entry in root.iterdir() if entry.is_dir() and not entry.name.startswith(".")
-    )
+    return sorted(entry for entry in root.iterdir() if entry.is_dir() and not entry.name.startswith("."))
+
+
+def _patient(path: Path, class_dir: Path) -> str:
+    """The group of an image under `group_by: folder`: the first folder below its class folder."""
+    parts = path.relative_to(class_dir).parts
+    if len(parts) < 2:
+        raise DataError(f"data.group_by: folder: {path} lies directly in its class folder, not in a patient folder")
+    return parts[0]
+
+
+def _class_folder_images(root: Path, group_by: str) -> pd.DataFrame:
+    """The images of every class folder, at any depth below it, as DataFrame[path, label(, group)]."""
+    class_dirs = _class_dirs(root)
     if not class_dirs:
         raise DataError(f"no class folders in {root}: expected one folder of images per class")
     rows = []
     for class_dir in class_dirs:
-        files = _image_files(class_dir)
-        mirror = class_dir / class_dir.name
-        if mirror.is_dir():
-            files += _image_files(mirror)
+        files = [path for path in _files_below(class_dir) if _is_image(path)]
         if not files:
             raise DataError(
                 f"class folder has no images ({', '.join(sorted(IMAGE_EXTENSIONS))}): {class_dir}"
             )
-        rows += [(str(path), class_dir.name) for path in files]
-    if len(class_dirs) == 1:
+        rows += [(str(path), class_dir.name, *([_patient(path, class_dir)] if group_by == "folder" else []))
+                 for path in files]
+    columns = ["path", "label", *(["group"] if group_by == "folder" else [])]
+    return pd.DataFrame(rows, columns=columns).sort_values(["label", "path"], ignore_index=True)
+
+
+def discover(root: str | os.PathLike, group_by: str = "filename") -> pd.DataFrame:
+    """List the images of a folder-per-class dataset as DataFrame[path, label].
+
+    The label is the class folder's name. Images in folders below a class folder count for
+    the class: patient folders (`<class>/<patient>/*.jpg`), and the doubled class folder of
+    some Kvasir mirrors (`<class>/<class>/*.jpg`). With `group_by="folder"` a `group`
+    column names each image's patient folder, the first folder below its class (the same
+    name under two classes is one patient). Hidden entries (`.ipynb_checkpoints`, macOS
+    `._*` files) are skipped. Files are matched by extension only; `find_bad_images`
+    checks that they decode.
+    """
+    root = Path(os.path.abspath(root))
+    frame = _class_folder_images(root, group_by)
+    if frame["label"].nunique() == 1:
         raise DataError(
-            f"only one class folder ({class_dirs[0].name}) in {root}: classification needs at least two"
+            f"only one class folder ({frame['label'].iloc[0]}) in {root}: classification needs at least two"
         )
-    frame = pd.DataFrame(rows, columns=["path", "label"])
-    return frame.sort_values(["label", "path"], ignore_index=True)
+    return frame
 
 
 def _image_problem(path: str) -> str | None:
@@ -114,63 +148,332 @@ def non_image_files(root: str | os.PathLike) -> pd.DataFrame:
 
     Listed so that a user learns that a stray file was ignored, not silently dropped.
     """
-    root = Path(os.path.abspath(root))
-    rows = []
-    for class_dir in sorted(entry for entry in root.iterdir() if entry.is_dir() and not entry.name.startswith(".")):
-        for folder in (class_dir, class_dir / class_dir.name):
-            if not folder.is_dir():
-                continue
-            for entry in sorted(folder.iterdir()):
-                if entry.is_file() and not entry.name.startswith(".") and entry.suffix.lower() not in IMAGE_EXTENSIONS:
-                    rows.append((str(entry), class_dir.name, "not an image file (extension)"))
+    rows = [(str(path), class_dir.name, "not an image file (extension)")
+            for class_dir in _class_dirs(Path(os.path.abspath(root)))
+            for path in _files_below(class_dir) if not _is_image(path)]
     return pd.DataFrame(rows, columns=["path", "label", "reason"])
 
 
+def _listing(items: Sequence[str], limit: int = 10) -> str:
+    """`a, b, c` or `a, ..., j and 5 more`: an error stays one readable line."""
+    shown = ", ".join(items[:limit])
+    return shown if len(items) <= limit else f"{shown} and {len(items) - limit} more"
+
+
+def _row(position: int) -> int:
+    """A data row's line in its CSV file (line 1 is the header)."""
+    return position + 2
+
+
+def read_image_list(path: str | os.PathLike) -> pd.DataFrame:
+    """A researcher's manifest: a CSV file of images, `path,label` and optionally `group` and `split`.
+
+    Paths are relative to the CSV's folder (absolute ones are kept); they come back absolute.
+    An empty optional column counts as absent. Every problem is a one-line DataError naming
+    the file and the row, column or value: a missing column, an empty cell, a split other
+    than train/val/test, a path listed twice, an image that is not there.
+    """
+    path = Path(os.path.abspath(path))
+    if not path.is_file():
+        raise DataError(f"manifest not found: {path}")
+    try:
+        frame = pd.read_csv(path, dtype=str, keep_default_na=False, skipinitialspace=True)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as error:
+        raise DataError(f"{path}: not a CSV file of images: {' '.join(str(error).split())}") from None
+    frame.columns = [str(column).strip() for column in frame.columns]
+    for column in ("path", "label"):
+        if column not in frame.columns:
+            raise DataError(f"{path}: missing column '{column}' (columns: {', '.join(frame.columns)}); "
+                            f"a manifest needs path and label, optionally group and split")
+    frame = frame[[column for column in MANIFEST_COLUMNS if column in frame.columns]].apply(lambda c: c.str.strip())
+    for column in ("group", "split"):
+        if column in frame.columns and (frame[column] == "").all():
+            frame = frame.drop(columns=column)
+    for column in frame.columns:
+        empty = np.flatnonzero(frame[column] == "")
+        if empty.size:
+            hint = "" if column in ("path", "label") else f" (give every row a {column}, or none)"
+            raise DataError(f"{path}: row {_row(empty[0])}: column '{column}' is empty{hint}")
+    if "split" in frame.columns:
+        unknown = np.flatnonzero(~frame["split"].isin(SPLITS))
+        if unknown.size:
+            value = frame["split"].iloc[unknown[0]]
+            raise DataError(f"{path}: row {_row(unknown[0])}: column 'split': {value!r} is not train, val or test")
+    frame["path"] = [os.path.normpath(path.parent / image) for image in frame["path"]]
+    repeated = frame["path"].duplicated(keep=False)
+    if repeated.any():
+        rows = np.flatnonzero(frame["path"] == frame["path"][repeated].iloc[0])
+        raise DataError(f"{path}: {frame['path'][repeated].iloc[0]} is listed twice (rows "
+                        f"{_row(rows[0])} and {_row(rows[1])})")
+    missing = np.flatnonzero(~frame["path"].map(os.path.isfile))
+    if missing.size:
+        more = f" ({missing.size} images are missing)" if missing.size > 1 else ""
+        raise DataError(f"{path}: row {_row(missing[0])}: image not found: {frame['path'].iloc[missing[0]]}{more}")
+    return frame
+
+
+def groups_on_two_sides(frame: pd.DataFrame) -> dict[str, list[str]]:
+    """Groups whose images lie in more than one split (a leak), with those splits."""
+    sides = frame.groupby("group")["split"].unique()
+    return {str(group): sorted(splits, key=SPLITS.index) for group, splits in sides.items() if len(splits) > 1}
+
+
+def check_given_split(frame: pd.DataFrame, source: str | os.PathLike) -> None:
+    """A split taken as given (a manifest's `split` column): two classes or more, each in train and val,
+    and no group on two sides (the error lists the groups)."""
+    names = class_names(frame)
+    if len(names) < 2:
+        raise DataError(f"{source}: only one class ({names[0]}): classification needs at least two")
+    counts = pd.crosstab(frame["label"], frame["split"]).reindex(columns=list(SPLITS), fill_value=0)
+    for split_name in ("train", "val"):
+        lacking = counts.index[counts[split_name] == 0].tolist()
+        if lacking:
+            raise DataError(f"{source}: column split: class(es) {_listing(lacking)} have no {split_name} images")
+    if "group" in frame.columns:
+        leaks = groups_on_two_sides(frame)
+        if leaks:
+            listed = [f"{group} ({', '.join(splits)})" for group, splits in leaks.items()]
+            raise DataError(f"{source}: {len(leaks)} group(s) on two sides of the split: {_listing(listed)}")
+
+
+def split_root(config: Experiment) -> str:
+    """The folder `split.csv`'s paths are relative to: `data.root`, or the manifest's folder."""
+    settings = config.data
+    return settings.root if settings.root is not None else str(Path(settings.manifest).parent)
+
+
+def read_dataset(config: Experiment) -> pd.DataFrame:
+    """The dataset's images, every input checked, none decoded: DataFrame[path, label(, group)(, split)].
+
+    A manifest gives `group` and `split` when it has those columns (a given split is
+    checked: `check_given_split`); a folder tree gives `group` with `data.group_by: folder`.
+    """
+    settings = config.data
+    if settings.manifest is None:
+        return discover(settings.root, settings.group_by)
+    frame = read_image_list(settings.manifest)
+    if "split" in frame.columns:
+        check_given_split(frame, settings.manifest)
+    elif frame["label"].nunique() < 2:
+        raise DataError(f"{settings.manifest}: only one class ({frame['label'].iloc[0]}): classification needs "
+                        f"at least two")
+    return frame
+
+
+def read_external_test(config: Experiment, names: Sequence[str]) -> pd.DataFrame:
+    """`data.external_test` (a folder per class, or a manifest) as DataFrame[path, label].
+
+    Its classes must be the training data's `names`: a class it lacks or adds is a
+    DataError naming it, since its numbers would not be comparable with the internal test.
+    """
+    location = Path(config.data.external_test)
+    if not location.exists():
+        raise DataError(f"data.external_test: not found: {location}")
+    if location.is_file():
+        frame = read_image_list(location)[["path", "label"]]
+    else:
+        frame = _class_folder_images(location, "filename")
+    lacking, adding = sorted(set(names) - set(frame["label"])), sorted(set(frame["label"]) - set(names))
+    problems = ([f"lacks class(es) {_listing(lacking)}"] if lacking else []) + (
+        [f"adds class(es) {_listing(adding)} the training data does not have"] if adding else [])
+    if problems:
+        raise DataError(f"data.external_test {location}: {'; '.join(problems)}")
+    return frame
+
+
+def check_dataset(config: Experiment) -> None:
+    """Check the data section's inputs without decoding an image: `tlopt run` calls it before it makes the
+    run folder, so that a mistyped `data.root` costs an error line, not a run folder to delete.
+
+    A demo dataset is generated by notebook 00, so there is nothing to check yet.
+    """
+    if config.data.demo is not None:
+        return
+    frame = read_dataset(config)
+    if config.data.external_test is not None:
+        read_external_test(config, class_names(frame))
+
+
+def _skipped(frame: pd.DataFrame, root: str | None, on_bad_image: str) -> pd.DataFrame:
+    """The files of `frame` (and non-images under a folder `root`) that are not readable images: skipped
+    with a warning that lists them, or a DataError (`data.on_bad_image: error`)."""
+    skipped = pd.concat([non_image_files(root) if root else None, find_bad_images(frame)], ignore_index=True)
+    if len(skipped):
+        listing = "; ".join(f"{path} ({reason})" for path, reason in zip(skipped["path"], skipped["reason"]))
+        if on_bad_image == "error":
+            raise DataError(
+                f"{len(skipped)} file(s) are not readable images: {listing} "
+                f"(data.on_bad_image: skip leaves them out)"
+            )
+        warnings.warn(f"skipped {len(skipped)} file(s) that are not readable images: {listing}", stacklevel=3)
+    return skipped
+
+
+def _relative(frame: pd.DataFrame, root: str) -> pd.DataFrame:
+    return frame.assign(path=[Path(os.path.relpath(path, root)).as_posix() for path in frame["path"]])
+
+
+def _absolute(frame: pd.DataFrame, root: str | None) -> pd.DataFrame:
+    """Paths joined to `root`; absolute ones (a run of the first version) stay as they are."""
+    if root is None:
+        return frame
+    return frame.assign(path=[os.path.normpath(os.path.join(root, path)) for path in frame["path"]])
+
+
+def _counts(frame: pd.DataFrame) -> dict[str, dict[str, int]]:
+    counts = frame.groupby(["label", "split"]).size().unstack(fill_value=0)
+    return {label: {k: int(v) for k, v in row.items()} for label, row in counts.iterrows()}
+
+
 def prepare_split(config: Experiment, run: RunFolder | str | os.PathLike) -> pd.DataFrame:
-    """The run's split, made once: discover, check every image, split, write split.csv and its summary.
+    """The run's split, made once: read the dataset, check every image, split, write split.csv and its summary.
 
     A run that has its `split.csv` keeps it: resuming must never reshuffle the data.
-    Unreadable files are skipped with a warning that lists them (`data.on_bad_image:
-    skip`) or stop the run (`error`); either way the summary (`split_summary.json`)
-    records them for the report.
+    A manifest's `split` column is taken as given (checked: `check_given_split`);
+    otherwise the images are split by `split`, grouped when they have groups. Unreadable
+    files are skipped with a warning that lists them (`data.on_bad_image: skip`) or stop
+    the run (`error`); either way the summary (`split_summary.json`) records them for the
+    report. The external test set, if any, is checked against the split's classes and
+    kept in `external.csv`. Both files hold paths relative to their root, which the
+    summary records (`relocate` moves it).
     """
     run = RunFolder(run)
     if run.split_file.is_file():
-        return read_manifest(run.split_file)
+        return read_split(run)
     settings = config.data
     if settings.demo:
         from tlopt.demo_data import generate_demo_dataset
 
         generate_demo_dataset(settings.root, **settings.demo.model_dump(), seed=config.seed)
-    images = discover(settings.root)
-    skipped = pd.concat([non_image_files(settings.root), find_bad_images(images)], ignore_index=True)
-    if len(skipped):
-        listing = "; ".join(f"{path} ({reason})" for path, reason in zip(skipped["path"], skipped["reason"]))
-        if settings.on_bad_image == "error":
-            raise DataError(
-                f"{len(skipped)} file(s) are not readable images: {listing} "
-                f"(data.on_bad_image: skip leaves them out)"
-            )
-        warnings.warn(f"skipped {len(skipped)} file(s) that are not readable images: {listing}", stacklevel=2)
-        images = images[~images["path"].isin(skipped["path"])]
-    frame = split(images, settings.val_fraction, settings.test_fraction, config.seed, settings.group_pattern)
-    write_manifest(frame, run.split_file)
-    counts = frame.groupby(["label", "split"]).size().unstack(fill_value=0)
+    images = read_dataset(config)
+    skipped = _skipped(images, settings.root, settings.on_bad_image)
+    images = images[~images["path"].isin(skipped["path"])]
+    given = "split" in images.columns
+    if given:
+        frame = images if "group" in images.columns else images.assign(group=_names(images["path"]))
+        frame = frame[MANIFEST_COLUMNS]
+        check_given_split(frame, settings.manifest)  # again: a skipped file may have emptied a class
+    else:
+        frame = split(images, settings.val_fraction, settings.test_fraction, config.seed, settings.group_pattern)
+    root = split_root(config)
+    external = None
+    if settings.external_test is not None:
+        external = read_external_test(config, class_names(frame))
+        external_skipped = _skipped(external, None, settings.on_bad_image)
+        external = external[~external["path"].isin(external_skipped["path"])]
+        external = external.assign(group=_names(external["path"]), split="external")
+        skipped = pd.concat([skipped, external_skipped], ignore_index=True)
     summary = {
-        "root": settings.root,
+        "root": root,
         "images": len(frame),
         "classes": class_names(frame),
+        "source": "manifest" if settings.manifest else "folders",
+        "split_given": given,
+        "grouped_by": _grouping(config, images),
         "group_pattern": settings.group_pattern,
-        "counts": {label: {k: int(v) for k, v in row.items()} for label, row in counts.iterrows()},
+        "counts": _counts(frame),
+        "groups": {name: int(count) for name, count in frame.groupby("split")["group"].nunique().items()},
         "skipped": skipped.to_dict("records"),
+        "external": None,
     }
+    if external is not None:
+        external_root = _external_root(settings.external_test)
+        write_manifest(_relative(external, external_root), run.external_file)
+        summary["external"] = {"root": external_root, "images": len(external),
+                               "counts": {k: int(v) for k, v in external["label"].value_counts().sort_index().items()}}
+    write_manifest(_relative(frame, root), run.split_file)
     atomic_write_json(run.split_summary_file, summary)
-    return read_manifest(run.split_file)
+    return read_split(run)
+
+
+def _grouping(config: Experiment, images: pd.DataFrame) -> str | None:
+    """What the split's groups are, in words; None when every image is split on its own."""
+    if "group" in images.columns:
+        return "the manifest's group column" if config.data.manifest else "patient folders"
+    pattern = config.data.group_pattern
+    return f"file names matching {pattern}" if pattern else None
+
+
+def _external_root(location: str) -> str:
+    """The folder external.csv's paths are relative to: the external test folder, or its manifest's folder."""
+    return str(Path(location).parent) if Path(location).is_file() else location
+
+
+def read_split(run: RunFolder | str | os.PathLike) -> pd.DataFrame:
+    """The run's split manifest (`split.csv`) with absolute paths, joined to the root its summary records."""
+    run = RunFolder(run)
+    summary = read_json(run.split_summary_file) if run.split_summary_file.is_file() else {}
+    return _absolute(read_manifest(run.split_file), summary.get("root"))
+
+
+def read_external(run: RunFolder | str | os.PathLike) -> pd.DataFrame | None:
+    """The run's external test set (`external.csv`, split "external") with absolute paths; None without one."""
+    run = RunFolder(run)
+    if not run.external_file.is_file():
+        return None
+    return _absolute(read_manifest(run.external_file), read_split_summary(run)["external"]["root"])
 
 
 def read_split_summary(run: RunFolder | str | os.PathLike) -> dict:
-    """What `prepare_split` recorded: counts per class and split, and the skipped files."""
+    """What `prepare_split` recorded: counts per class and split, groups per split, the skipped files,
+    the roots of the split's and the external test set's paths."""
     return read_json(RunFolder(run).split_summary_file)
+
+
+def _missing(paths: pd.Series, what: str, root: str) -> None:
+    missing = paths[~paths.map(os.path.isfile)]
+    if len(missing):
+        raise DataError(f"{root}: {len(missing)} of the {len(paths)} images of {what} are not there "
+                        f"(first: {missing.iloc[0]})")
+
+
+def relocate(run: RunFolder | str | os.PathLike, root: str | os.PathLike | None = None,
+             external_test: str | os.PathLike | None = None) -> None:
+    """Record where a run folder and its dataset are now (`tlopt run PARAMS --resume DIR [--data-root NEWROOT]`).
+
+    The run folder's own place becomes its `results_dir`: a run folder copied to another
+    machine resumes there. `root` is the dataset's new folder (the folder per class, or
+    the manifest's folder); `external_test` the external test set's new folder or
+    manifest. Every image of the split (and of the external set) must be there; then
+    `split_summary.json` records the new roots and `params.yaml` the new locations, so
+    that the resumed run and its notebooks read the moved files. A split of the first
+    version, with absolute paths, is made relative to its old root first. A run that
+    stopped before its split only records the new locations.
+    """
+    run = RunFolder(run)
+    summary = read_split_summary(run) if run.split_summary_file.is_file() else {}
+    params = run.read_params()
+    recorded = yaml.safe_dump(params, sort_keys=False)
+    params["results_dir"] = str(run.path.parent)
+    settings = params["data"]
+    if root is not None:
+        root = os.path.abspath(root)
+        if run.split_file.is_file():
+            old = summary.get("root") or settings["root"]
+            relative = _relative(_absolute(read_manifest(run.split_file), old), old)
+            if relative["path"].str.startswith("../").any():
+                raise DataError(f"{run.split_file}: images outside the dataset's root {old} cannot move with it")
+            _missing(_absolute(relative, root)["path"], run.split_file.name, root)
+            write_manifest(relative, run.split_file)
+            summary["root"] = root
+        if settings.get("manifest"):
+            settings["manifest"] = os.path.join(root, Path(settings["manifest"]).name)
+        else:
+            settings["root"] = root
+    if external_test is not None:
+        if not settings.get("external_test"):
+            raise DataError(f"{run} has no external test set to move (data.external_test was not set)")
+        external_test = os.path.abspath(external_test)
+        if run.external_file.is_file():
+            external_root = _external_root(external_test)
+            _missing(_absolute(read_manifest(run.external_file), external_root)["path"], run.external_file.name,
+                     external_root)
+            summary["external"]["root"] = external_root
+        settings["external_test"] = external_test
+    if summary and (root is not None or external_test is not None):
+        atomic_write_json(run.split_summary_file, summary)
+    if yaml.safe_dump(params, sort_keys=False) != recorded:
+        atomic_write_text(run.params_file, yaml.safe_dump(params, sort_keys=False))
 
 
 def _check_fractions(val_fraction: float, test_fraction: float) -> None:
@@ -185,9 +488,13 @@ def _check_fractions(val_fraction: float, test_fraction: float) -> None:
         )
 
 
+def _names(paths: pd.Series) -> pd.Series:
+    return paths.map(lambda path: Path(path).name)
+
+
 def _groups(paths: pd.Series, group_pattern: str | None) -> pd.Series:
     """The group of each file: the pattern's first capture group on the file name, or the name."""
-    names = paths.map(lambda path: Path(path).name)
+    names = _names(paths)
     if group_pattern is None:
         return names
     try:
@@ -293,14 +600,18 @@ def split(
 ) -> pd.DataFrame:
     """Add `group` and `split` (train/val/test) columns: a seeded split stratified by label.
 
-    Without `group_pattern` every image is split on its own (the thesis's 70/30 per class)
-    and its group is its file name. With a pattern (Nerthus: `bowel_(\\d+)_`), the group is
-    the pattern's first capture group on the file name, and a group never spans two splits,
-    because near-duplicate frames of one video on both sides inflate validation accuracy.
+    Without groups every image is split on its own (the thesis's 70/30 per class) and its
+    group is its file name. A `group` column of `frame` (a manifest's, or the patient
+    folders of `discover(root, "folder")`) or a pattern (Nerthus: `bowel_(\\d+)_`, whose
+    first capture group on the file name is the group) groups the images, and a group never
+    spans two splits, because near-duplicate images of one patient or video on both sides
+    inflate validation accuracy.
     """
     _check_fractions(val_fraction, test_fraction)
-    result = frame[["path", "label"]].assign(group=_groups(frame["path"], group_pattern))
-    splitter = _split_rows if group_pattern is None else _split_groups
+    grouped = "group" in frame.columns or group_pattern is not None
+    groups = frame["group"] if "group" in frame.columns else _groups(frame["path"], group_pattern)
+    result = frame[["path", "label"]].assign(group=groups)
+    splitter = _split_groups if grouped else _split_rows
     return result.assign(split=splitter(result, val_fraction, test_fraction, seed))
 
 
@@ -399,30 +710,29 @@ class ImageCache:
         return positions
 
 
-def _build_image_cache(paths: list[str], image_size: int, path: Path) -> None:
-    """Decode every image once (in parallel) into a new .npy file, renamed into place at the end."""
+def _build_image_cache(paths: list[str], image_size: int, temporary: Path) -> None:
+    """Decode every image once (in parallel) into a new .npy file (`build_once` renames it into place)."""
     decoded = (
         tf.data.Dataset.from_tensor_slices(paths)
         .map(lambda file: _load_image(file, image_size), num_parallel_calls=tf.data.AUTOTUNE)
         .batch(64)
         .prefetch(tf.data.AUTOTUNE)
     )
-    with atomic_path(path, suffix=".npy") as temporary:
-        pixels = np.lib.format.open_memmap(
-            temporary, mode="w+", dtype=np.uint8, shape=(len(paths), image_size, image_size, 3)
-        )
-        start = 0
-        try:
-            for batch in decoded.as_numpy_iterator():
-                pixels[start : start + len(batch)] = batch
-                start += len(batch)
-        except tf.errors.InvalidArgumentError as error:
-            raise DataError(
-                f"an image does not decode while building the image cache (find_bad_images lists "
-                f"such files): {error.message.splitlines()[0]}"
-            ) from None
-        pixels.flush()
-        del pixels
+    pixels = np.lib.format.open_memmap(
+        temporary, mode="w+", dtype=np.uint8, shape=(len(paths), image_size, image_size, 3)
+    )
+    start = 0
+    try:
+        for batch in decoded.as_numpy_iterator():
+            pixels[start : start + len(batch)] = batch
+            start += len(batch)
+    except tf.errors.InvalidArgumentError as error:
+        raise DataError(
+            f"an image does not decode while building the image cache (find_bad_images lists "
+            f"such files): {error.message.splitlines()[0]}"
+        ) from None
+    pixels.flush()
+    del pixels
 
 
 def cache_images(frame: pd.DataFrame, image_size: int, cache_dir: str | os.PathLike) -> ImageCache:
@@ -431,12 +741,11 @@ def cache_images(frame: pd.DataFrame, image_size: int, cache_dir: str | os.PathL
     One file `images-<size>-<key>.npy` in `cache_dir` holds every image of the frame, so
     that the training, validation and test rows of a manifest, every epoch and every trial
     share one decoding. The key (`files_key`) changes with the set of images, their files
-    and the size; an unchanged manifest reuses the file.
+    and the size; an unchanged manifest reuses the file. Concurrent trials build it once.
     """
     paths = sorted(set(frame["path"]))
     path = Path(cache_dir) / f"images-{image_size}-{files_key(paths, image_size)}.npy"
-    if not path.is_file():
-        _build_image_cache(paths, image_size, path)
+    build_once(path, lambda temporary: _build_image_cache(paths, image_size, temporary), suffix=".npy")
     return ImageCache(path, image_size, pd.Index(paths), np.load(path, mmap_mode="r"))
 
 

@@ -225,9 +225,12 @@ def generate_demo_dataset(
     image_size: int = 96,
     seed: int = 0,
     num_classes: int = 4,
+    imbalance: float | None = None,
 ) -> Path:
     """Write the demo dataset to `root/<class>/<class>_<index:04d>.jpg` and return `root`.
 
+    `imbalance` (a share in (0, 1]) makes the last class rare: it gets that share of
+    `images_per_class` (at least one image), the case of a rare finding in medical data.
     Deterministic: the same arguments give byte-identical files (image i of class c depends
     only on seed, c and i). Idempotent: a marker file records the arguments; if it matches,
     nothing is written, otherwise the previous demo is replaced.
@@ -238,6 +241,8 @@ def generate_demo_dataset(
         raise DataError(f"demo images_per_class must be at least 1, got {images_per_class}")
     if image_size < 16:
         raise DataError(f"demo image_size must be at least 16 pixels, got {image_size}")
+    if imbalance is not None and not 0 < imbalance <= 1:
+        raise DataError(f"demo imbalance must be a share in (0, 1], got {imbalance}")
     root = Path(root)
     config = {
         "version": GENERATOR_VERSION,
@@ -245,6 +250,7 @@ def generate_demo_dataset(
         "image_size": image_size,
         "seed": seed,
         "num_classes": num_classes,
+        **({"imbalance": imbalance} if imbalance is not None else {}),  # older markers have no such key
     }
     marker = root / MARKER
     if marker.is_file() and json.loads(marker.read_text()) == config:
@@ -253,7 +259,8 @@ def generate_demo_dataset(
     for class_index, class_name in enumerate(list(DEMO_CLASSES)[:num_classes]):
         folder = root / class_name
         folder.mkdir(parents=True)
-        for index in range(images_per_class):
+        rare = imbalance is not None and class_index == num_classes - 1
+        for index in range(max(1, round(imbalance * images_per_class)) if rare else images_per_class):
             rng = np.random.default_rng([seed, class_index, index])
             _render(class_name, rng, image_size).save(folder / f"{class_name}_{index:04d}.jpg", quality=90)
     marker.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")  # last: marks a complete demo

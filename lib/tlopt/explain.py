@@ -1,6 +1,6 @@
 """Explanation maps: where in an image a transfer model finds the evidence for a class (Grad-CAM).
 
-Grad-CAM (Selvaraju et al., ICCV 2017; docs/method.md section 10) weights each channel of
+Grad-CAM (Selvaraju et al., ICCV 2017; docs/method.md section 14) weights each channel of
 a convolutional feature map by the mean gradient of the class's score (the logit, before
 the softmax) over the map, sums the weighted channels and keeps the positive part. The
 feature map is the backbone's last one, its output, or the layer before it when that is a

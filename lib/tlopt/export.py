@@ -1,4 +1,4 @@
-"""`tlopt export`: a final model as one `.keras` file that loads without tlopt (docs/method.md section 10).
+"""`tlopt export`: a final model as one `.keras` file that loads without tlopt (docs/method.md section 14).
 
 The transfer model's first layer, `backbones.Preprocessing`, is a class of tlopt's: a file
 holding it loads only where tlopt is imported. The exported model has standard Keras
@@ -96,7 +96,7 @@ def final_model(run: RunFolder | str | os.PathLike, strategy: str, config: Exper
     config = config or run.read_config()
     trial = analysis.final_trial(run, strategy)
     names = data.class_names(data.read_manifest(run.split_file))
-    model, _ = training.load_trained_model(trial.setup["backbone"], trial.weights, len(names), config)
+    model, _ = training.load_trained_model(trial.setup["backbone"], run.local(trial.weights), len(names), config)
     return with_standard_preprocessing(model, trial.setup["backbone"])
 
 

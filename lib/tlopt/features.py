@@ -31,7 +31,7 @@ import pandas as pd
 import tensorflow as tf
 
 from tlopt import data
-from tlopt.files import atomic_path
+from tlopt.files import build_once
 from tlopt.params import Experiment
 
 ALL_FLIPS: tuple[int, ...] = tuple(range(len(data.FLIP_VARIANTS)))
@@ -80,23 +80,22 @@ def pooled_features(
     steps: decoded (or read from `image_cache`) and flipped; the model's first layer
     preprocesses them.
     """
-    path = features_path(backbone, rows, variants, config, cache_dir)
-    if path.is_file():
-        return np.load(path)
-    extractor = keras.Model(model.inputs, model.get_layer("pool").output)
-    images = data.make_dataset(
-        rows, class_names, config.data.image_size, config.data.batch_size, False, config.seed, image_cache
-    )
+    def extract(temporary: Path) -> None:
+        extractor = keras.Model(model.inputs, model.get_layer("pool").output)
+        images = data.make_dataset(
+            rows, class_names, config.data.image_size, config.data.batch_size, False, config.seed, image_cache
+        )
 
-    def flipped(variant: int) -> tf.data.Dataset:
-        return images.map(lambda batch, _: data.flip_images(batch, variant))
+        def flipped(variant: int) -> tf.data.Dataset:
+            return images.map(lambda batch, _: data.flip_images(batch, variant))
 
-    # One predict call for all variants: each call of a new dataset traces the model again.
-    every_variant = functools.reduce(tf.data.Dataset.concatenate, map(flipped, variants))
-    vectors = extractor.predict(every_variant, verbose=0).astype(np.float32).reshape(len(variants), len(rows), -1)
-    with atomic_path(path, suffix=".npy") as temporary:
-        np.save(temporary, vectors)
-    return vectors
+        # One predict call for all variants: each call of a new dataset traces the model again.
+        every_variant = functools.reduce(tf.data.Dataset.concatenate, map(flipped, variants))
+        vectors = extractor.predict(every_variant, verbose=0).astype(np.float32)
+        np.save(temporary, vectors.reshape(len(variants), len(rows), -1))
+
+    # Concurrent trials of one backbone extract once; the others wait and read the file.
+    return np.load(build_once(features_path(backbone, rows, variants, config, cache_dir), extract, suffix=".npy"))
 
 
 def initial_head_path(backbone: str, num_classes: int, config: Experiment, cache_dir: str | os.PathLike) -> Path:
@@ -114,11 +113,12 @@ def keep_initial_head(model: keras.Model, backbone: str, config: Experiment, cac
     without building the backbone (`initial_head_weights`).
     """
     dense = model.get_layer("predictions")
-    path = initial_head_path(backbone, dense.units, config, cache_dir)
-    if not path.is_file():
+
+    def keep(temporary: Path) -> None:
         kernel, bias = dense.get_weights()
-        with atomic_path(path, suffix=".npz") as temporary:
-            np.savez(temporary, kernel=kernel, bias=bias)
+        np.savez(temporary, kernel=kernel, bias=bias)
+
+    build_once(initial_head_path(backbone, dense.units, config, cache_dir), keep, suffix=".npz")
 
 
 def initial_head_weights(
@@ -198,32 +198,44 @@ def fit_head(
     val: FeatureBatches,
     epochs: int,
     callbacks: Sequence[keras.callbacks.Callback],
+    metrics: Sequence[keras.metrics.Metric] = (),
+    class_weight: dict[int, float] | None = None,
 ) -> keras.callbacks.History:
-    """`head.fit(train, validation_data=val, ...)` at a fraction of its fixed cost.
+    """`head.fit(train, validation_data=val, class_weight=class_weight, ...)` at a fraction of its fixed cost.
 
     `head` is compiled as `training` compiles a run's model: its optimizer (wrapped for
-    loss scaling under mixed precision), the sparse categorical cross-entropy and
-    accuracy. `Model.fit` traces Keras's general train and test steps for every new
-    model: on 2 cores 0.3-0.5 s, most of a cached trial's time. These steps do what
-    Keras's do for this model (forward pass, the sparse categorical cross-entropy averaged
-    over the batch, scaled and unscaled by the optimizer, its update; the epoch's loss and
-    accuracy as sample-weighted means) and trace in a fraction of that. The callbacks see
-    what `fit` shows them at the epoch level (train, epoch and test begin and end, the
-    same logs); no batch-level hooks. A non-finite loss ends the run after its epoch, as
-    `TerminateOnNaN` ends `fit`'s.
+    loss scaling under mixed precision), the sparse categorical cross-entropy, accuracy
+    and `metrics` (the objective's, `objectives.metrics_for`). `Model.fit` traces Keras's
+    general train and test steps for every new model: on 2 cores 0.3-0.5 s, most of a
+    cached trial's time. These steps do what Keras's do for this model (forward pass, the
+    sparse categorical cross-entropy averaged over the batch, scaled and unscaled by the
+    optimizer, its update; the epoch's loss and metrics as sample-weighted means) and trace
+    in a fraction of that. `class_weight` weights the training loss as Keras does: each
+    image's weight is its class's, and the loss is the weighted sum divided by the batch
+    size (not by the sum of the weights); compiled metrics stay unweighted (Keras weights
+    only `weighted_metrics`), and so does validation. The callbacks see what `fit` shows
+    them at the epoch level (train, epoch and test begin and end, the same logs); no
+    batch-level hooks. A non-finite loss ends
+    the run after its epoch, as `TerminateOnNaN` ends `fit`'s.
     """
     weights = head.trainable_variables
     optimizer = head.optimizer
     optimizer.build(weights)
     loss_of = keras.losses.SparseCategoricalCrossentropy()
-    loss_mean, accuracy = keras.metrics.Mean(), keras.metrics.SparseCategoricalAccuracy()
+    loss_mean = keras.metrics.Mean()
+    measures = [keras.metrics.SparseCategoricalAccuracy(name="accuracy"), *metrics]
     batch = (tf.TensorSpec([None, head.input_shape[-1]], tf.float32), tf.TensorSpec([None], tf.int32))
+    # Keras's class-weight table: the weight of class c at index c, 1.0 for a class the mapping omits.
+    table = None if class_weight is None else tf.constant(
+        [class_weight.get(c, 1.0) for c in range(max(class_weight) + 1)], tf.float32)
 
     def measured(features: tf.Tensor, labels: tf.Tensor, training: bool) -> tf.Tensor:
         probabilities = head(features, training=training)
-        loss = loss_of(labels, probabilities)
+        sample_weight = tf.gather(table, labels) if training and table is not None else None
+        loss = loss_of(labels, probabilities, sample_weight=sample_weight)
         loss_mean.update_state(loss, sample_weight=tf.shape(features)[0])
-        accuracy.update_state(labels, probabilities)
+        for measure in measures:
+            measure.update_state(labels, probabilities)  # compiled `metrics` are unweighted in Keras
         return loss
 
     @tf.function(input_signature=batch, jit_compile=head.jit_compile)
@@ -237,11 +249,11 @@ def fit_head(
         measured(features, labels, False)
 
     def run_epoch(step: Callable, batches: FeatureBatches) -> dict[str, float]:
-        loss_mean.reset_state()
-        accuracy.reset_state()
+        for measure in (loss_mean, *measures):
+            measure.reset_state()
         for features, labels in batches:
             step(features, labels)
-        return {"loss": float(loss_mean.result()), "accuracy": float(accuracy.result())}
+        return {"loss": float(loss_mean.result()), **{m.name: float(m.result()) for m in measures}}
 
     history = keras.callbacks.History()
     hooks = keras.callbacks.CallbackList([*callbacks, history], model=head)

@@ -2,14 +2,17 @@
 
 Every file of a run folder is written here: a temporary file in the same folder, flushed
 to disk, then renamed over the final name (a rename within one filesystem is atomic).
+Files that concurrent trials share (the caches) are built once, under a lock
+(`build_once`).
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -37,6 +40,38 @@ def atomic_path(path: str | os.PathLike, suffix: str = ".tmp") -> Iterator[Path]
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
+
+
+@contextmanager
+def locked(path: str | os.PathLike) -> Iterator[None]:
+    """Hold an exclusive lock named after `path` (`.<name>.lock` beside it) for the block.
+
+    Processes of one machine that lock the same path wait for each other; the operating
+    system releases the lock of a killed process. The lock file stays (it is empty).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.parent / f".{path.name}.lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def build_once(path: str | os.PathLike, build: Callable[[Path], None], suffix: str = ".tmp") -> Path:
+    """Create `path` with `build(temporary)` unless it exists, atomically and by one process at a time.
+
+    Concurrent trials that need the same cache file: the first builds it, the others wait
+    for its lock and then find it; none reads a half-written file (the rename is atomic).
+    """
+    path = Path(path)
+    if not path.is_file():
+        with locked(path):
+            if not path.is_file():
+                with atomic_path(path, suffix=suffix) as temporary:
+                    build(temporary)
+    return path
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:

@@ -3,7 +3,7 @@
 Every strategy ends with a final model; the winner is the best of them by the search's own
 objective on validation (`trials.best_trial`, ties by the lower validation loss), recorded
 in `best.json` at the run's root. `final.repeats` trains the winner's setup again, both
-phases, with other seeds (docs/method.md section 10): the spread of those results is the
+phases, with other seeds (docs/method.md section 14): the spread of those results is the
 training noise, against which a difference between strategies can be judged. The repeats
 go through the run's trainer like any trial and are kept in `repeats.jsonl`, so a stopped
 run resumes them.

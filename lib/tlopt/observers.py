@@ -1,7 +1,7 @@
 """What watches a BO step: GPyOpt's files, the figures, the progress bar.
 
 The loop in `tlopt.optimize` asks, runs and tells; everything else observes it through
-four hooks, each a no-op unless a subclass overrides it (after KerasTuner's
+five hooks, each a no-op unless a subclass overrides it (after KerasTuner's
 `on_trial_begin/end`). The notebooks' live figure (`tlopt.live`) is one more observer.
 """
 
@@ -12,10 +12,11 @@ from pathlib import Path
 
 import numpy as np
 
-from tlopt import bo, plots
+from tlopt import bo, objectives, plots
 from tlopt.files import save_figure
 from tlopt.params import BayesianOptimization
 from tlopt.space import SearchSpace
+from tlopt.store import TrialFolder
 from tlopt.trials import Trial, best_trial
 
 
@@ -24,7 +25,9 @@ class StepProgress:
     """What observers see of a running step: its domain, the evaluations and finished trials so far.
 
     `X` holds the GPyOpt rows of the finished trials in finishing order, `Y` their negated
-    scores (GPyOpt minimizes).
+    scores (GPyOpt minimizes); `objective` names what the scores measure (`tlopt.objectives`).
+    `running` maps the id of each trial that runs now to its folder (several at once in a
+    parallel step).
     """
 
     label: str
@@ -35,6 +38,8 @@ class StepProgress:
     X: np.ndarray
     Y: np.ndarray
     done: list[Trial] = field(default_factory=list)
+    objective: str = objectives.DEFAULT
+    running: dict[str, TrialFolder] = field(default_factory=dict)
 
     @property
     def budget(self) -> int:
@@ -48,12 +53,19 @@ class StepProgress:
 
 
 class StepObserver:
-    """Hooks of a BO step; `step_end` is also called when the step stops with an error (reason None)."""
+    """Hooks of a BO step; `step_end` is also called when the step stops with an error (reason None).
+
+    `trials_running` is called every few seconds while trials run in other processes
+    (a parallel step), so that an observer can follow them through their files.
+    """
 
     def step_begin(self, progress: StepProgress) -> None:
         pass
 
     def trial_begin(self, progress: StepProgress, trial_id: str) -> None:
+        pass
+
+    def trials_running(self, progress: StepProgress) -> None:
         pass
 
     def trial_end(self, progress: StepProgress, trial: Trial) -> None:
@@ -75,7 +87,8 @@ class ConvergencePlot(StepObserver):
     """GPyOpt's convergence plot (distance between consecutive points, best so far), after every trial."""
 
     def trial_end(self, progress: StepProgress, trial: Trial) -> None:
-        save_figure(plots.convergence_figure(progress.X, -progress.Y), progress.step_dir / "convergence.png")
+        figure = plots.convergence_figure(progress.X, -progress.Y, progress.objective)
+        save_figure(figure, progress.step_dir / "convergence.png")
 
 
 class SurrogatePlot(StepObserver):
@@ -86,11 +99,11 @@ class SurrogatePlot(StepObserver):
             return
         surface = bo.surrogate_surface(progress.space, progress.X, progress.Y, progress.settings)
         if surface is not None:
-            save_figure(plots.acquisition_figure(surface), progress.step_dir / "acquisition.png")
+            save_figure(plots.acquisition_figure(surface, progress.objective), progress.step_dir / "acquisition.png")
 
 
 class ProgressBar(StepObserver):
-    """A tqdm bar over the step's trials with the best validation accuracy so far."""
+    """A tqdm bar over the step's finished trials, with the running ones and the objective's best value so far."""
 
     def __init__(self) -> None:
         self.bar = None
@@ -101,9 +114,17 @@ class ProgressBar(StepObserver):
         self.bar = tqdm(total=progress.budget, initial=len(progress.done), desc=f"{progress.label}/{progress.step}",
                         unit="trial", leave=True)
 
-    def trial_end(self, progress: StepProgress, trial: Trial) -> None:
+    def _postfix(self, progress: StepProgress) -> None:
         best = best_trial(progress.done)
-        self.bar.set_postfix(best=f"{best.val_accuracy:.3f}" if best else "n/a")
+        key = objectives.get(progress.objective).key
+        self.bar.set_postfix({"running": len(progress.running),
+                              f"best {key}": f"{best.objective_value:.3f}" if best else "n/a"})
+
+    def trial_begin(self, progress: StepProgress, trial_id: str) -> None:
+        self._postfix(progress)
+
+    def trial_end(self, progress: StepProgress, trial: Trial) -> None:
+        self._postfix(progress)
         self.bar.update(1)
 
     def step_end(self, progress: StepProgress, stop_reason: str | None) -> None:

@@ -7,12 +7,14 @@ from typing import Any
 
 from tlopt.backbones import BACKBONES
 from tlopt.errors import ConfigError
+from tlopt.objectives import OBJECTIVES
 from tlopt.params import THESIS_OPTIMIZERS, Experiment, dump_params, load_params
 from tlopt.store import RunFolder
 
 # The settings a researcher tunes most between experiments, as dotted keys of the schema.
 PANEL_KEYS = (
     "run_name",
+    "objective",
     "backbones",
     "optimizers",
     "learning_rate.min",
@@ -22,6 +24,7 @@ PANEL_KEYS = (
     "bo.iterations",
     "training.block_epochs",
     "training.finetune_epochs",
+    "training.class_weight",
     "training.nonconvergence.enabled",
     "training.nonconvergence.threshold",
     "training.nonconvergence.patience",
@@ -58,6 +61,7 @@ class BoundsPanel:
 
         widgets = {
             "run_name": w.Text(),
+            "objective": w.Dropdown(options=list(OBJECTIVES)),
             "backbones": w.SelectMultiple(options=list(BACKBONES), rows=8),
             "optimizers": w.SelectMultiple(options=list(THESIS_OPTIMIZERS), rows=7),
             "learning_rate.min": w.FloatText(),
@@ -67,12 +71,16 @@ class BoundsPanel:
             "bo.iterations": w.BoundedIntText(min=0, max=1000),
             "training.block_epochs": w.BoundedIntText(min=1, max=10000),
             "training.finetune_epochs": w.BoundedIntText(min=1, max=10000),
+            "training.class_weight": w.Dropdown(options=["none", "balanced"]),
             "training.nonconvergence.enabled": w.Checkbox(),
-            "training.nonconvergence.threshold": w.FloatText(),
+            # A number, relative to chance ("chance+0.1"), or empty for the monitor's default.
+            "training.nonconvergence.threshold": w.Text(placeholder="default"),
             "training.nonconvergence.patience": w.BoundedIntText(min=0, max=10000),
         }
         for key, widget in widgets.items():
             value = self.config.value(key)
+            if isinstance(widget, w.Text) and not isinstance(value, str):
+                value = "" if value is None else str(value)
             widget.value = tuple(value) if isinstance(value, list) else value
             widget.description = key
             widget.style = {"description_width": "initial"}
@@ -82,8 +90,10 @@ class BoundsPanel:
         """The panel's current values by dotted key (the file's values when headless)."""
         if not self.widgets:
             return {key: self.config.value(key) for key in PANEL_KEYS}
-        return {key: list(widget.value) if isinstance(widget.value, tuple) else widget.value
-                for key, widget in self.widgets.items()}
+        values = {key: list(widget.value) if isinstance(widget.value, tuple) else widget.value
+                  for key, widget in self.widgets.items()}
+        values["training.nonconvergence.threshold"] = _threshold(values["training.nonconvergence.threshold"])
+        return values
 
     def save(self) -> Path:
         """Validate the edited parameters and write them to `save_to`; ConfigError if invalid."""
@@ -113,6 +123,17 @@ class BoundsPanel:
         button = w.Button(description=f"Save to {self.save_to.name}", button_style="primary")
         button.on_click(lambda _: self._on_save(status))
         display(w.VBox([*self.widgets.values(), w.HBox([button, status])]))
+
+
+def _threshold(text: str) -> float | str | None:
+    """The threshold field: empty for the default, a number, or an expression relative to chance."""
+    text = text.strip()
+    if not text:
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        return text
 
 
 def bounds_panel(params_file: str | Path, interactive: bool = True, save_to: str | Path | None = None) -> BoundsPanel:

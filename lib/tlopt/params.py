@@ -16,7 +16,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from tlopt import backbones, strategies
+from tlopt import backbones, objectives, strategies
 from tlopt.errors import ConfigError
 from tlopt.files import atomic_write_text
 
@@ -36,21 +36,37 @@ class DemoData(_Section):
     images_per_class: int = Field(50, ge=4)
     image_size: int = Field(96, ge=32)
     num_classes: int = Field(4, ge=2, le=8)
+    # The last class gets this share of images_per_class: a rare class, for the imbalance path.
+    imbalance: float | None = Field(None, gt=0, le=1)
 
 
 class Data(_Section):
-    root: str
+    root: str | None = None
+    manifest: str | None = None
     image_size: int = Field(299, ge=32)
     batch_size: int = Field(16, ge=1)
     val_fraction: float = Field(0.3, gt=0, lt=1)
     test_fraction: float = Field(0.0, ge=0, lt=1)
+    group_by: Literal["filename", "folder"] = "filename"
     group_pattern: str | None = None
+    external_test: str | None = None
     on_bad_image: Literal["skip", "error"] = "skip"
     image_cache: bool = True
     demo: DemoData | None = None
 
+    @property
+    def location(self) -> str:
+        """Where the dataset is: its folder, or its manifest file."""
+        return self.root if self.root is not None else self.manifest
+
     @model_validator(mode="after")
     def _check(self) -> "Data":
+        if (self.root is None) == (self.manifest is None):
+            raise ValueError("give data.root (a folder per class) or data.manifest (a CSV file of images), not both")
+        if self.manifest is not None and (self.demo is not None or self.group_by == "folder"):
+            raise ValueError("data.demo and group_by: folder read a folder per class (data.root), not a manifest")
+        if self.group_by == "folder" and self.group_pattern is not None:
+            raise ValueError("group_pattern applies to group_by: filename; group_by: folder groups by patient folder")
         if self.val_fraction + self.test_fraction >= 1:
             raise ValueError(
                 f"val_fraction + test_fraction must be below 1 "
@@ -79,11 +95,30 @@ class LearningRate(_Section):
 
 
 class Nonconvergence(_Section):
+    """`monitor` None follows the objective; `threshold` None is the monitor's default
+    (`objectives.default_threshold`); a string threshold is relative to chance."""
+
     enabled: bool = True
-    monitor: str = "val_accuracy"
-    threshold: float = 0.5
+    monitor: str | None = None
+    threshold: float | str | None = None
     patience: int = Field(5, ge=0)
     mode: Literal["auto", "min", "max"] = "auto"
+
+    @field_validator("threshold")
+    @classmethod
+    def _relative_to_chance(cls, threshold: float | str | None) -> float | str | None:
+        if threshold is not None:
+            objectives.check_threshold(threshold)
+        return threshold
+
+    @model_validator(mode="after")
+    def _chance_is_defined(self) -> "Nonconvergence":
+        """A threshold relative to chance (also the default one) needs a monitor whose chance level is known."""
+        if self.monitor is not None and objectives.of_key(self.monitor) is None and (
+                self.threshold is None or isinstance(self.threshold, str)):
+            raise ValueError(f"monitor {self.monitor!r} has no chance level: give a number as threshold "
+                             f"(chance is known for {', '.join(o.key for o in objectives.OBJECTIVES.values())})")
+        return self
 
 
 class Training(_Section):
@@ -91,6 +126,7 @@ class Training(_Section):
     finetune_epochs: int = Field(50, ge=1)
     early_stopping_patience: int = Field(5, ge=1)
     nonconvergence: Nonconvergence = Nonconvergence()
+    class_weight: Literal["none", "balanced"] = "none"
     default_delimiting_fraction: float = Field(2 / 3, ge=0, le=1)
     feature_cache: bool = True
     mixed_precision: bool = False
@@ -120,11 +156,32 @@ class LayerOptimization(_Section):
 
 
 class Final(_Section):
-    """The end of a run: the final models' intervals and explanation maps, the winner's repeats (docs/method.md section 10)."""
+    """The end of a run: the final models' intervals and explanation maps, the winner's repeats (docs/method.md section 14)."""
 
     bootstrap_samples: int = Field(1000, ge=100)
     explain_images: int = Field(2, ge=0)
     repeats: int = Field(0, ge=0)
+
+
+class Execution(_Section):
+    """How many trials of a BO step run at once, and where (docs/method.md section 4.1).
+
+    `parallel_trials` and `schedule` decide the points a step evaluates; the other keys
+    only say where its trials run (a resumed run may change them).
+    """
+
+    parallel_trials: int = Field(1, ge=1)
+    ray_address: str | None = None
+    gpus_per_trial: float | None = Field(None, ge=0)
+    cpus_per_trial: float | None = Field(None, gt=0)
+    schedule: Literal["ordered", "asap"] = "ordered"
+
+    @field_validator("gpus_per_trial")
+    @classmethod
+    def _whole_above_one(cls, value: float | None) -> float | None:
+        if value is not None and value > 1 and value != int(value):
+            raise ValueError(f"a trial takes a fraction of one GPU or whole GPUs (got {value})")
+        return value
 
 
 class Experiment(_Section):
@@ -133,6 +190,7 @@ class Experiment(_Section):
     run_name: str = Field("experiment", pattern=r"^[A-Za-z0-9_.-]+$")
     results_dir: str = "results"
     seed: int = 0
+    objective: Literal["val_accuracy", "balanced_accuracy", "macro_f1", "val_loss"] = "val_accuracy"
     data: Data
     backbones: list[str] = Field(default_factory=lambda: list(backbones.THESIS_BACKBONES), min_length=1)
     weights: str | None = "imagenet"
@@ -144,6 +202,39 @@ class Experiment(_Section):
     strategies: list[str] = Field(default_factory=lambda: list(THESIS_STRATEGIES), min_length=1)
     layer_optimization: LayerOptimization = LayerOptimization()
     final: Final = Final()
+    execution: Execution = Execution()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _defaults_left_out(cls, raw: Any) -> Any:
+        """A nonconvergence monitor equal to the objective's key, and a threshold equal to the monitor's
+        default, are stored as unset (None): a run started before these keys followed the objective
+        (`monitor: val_accuracy`, `threshold: 0.5`) then compares equal to one that leaves them out."""
+        if not isinstance(raw, dict):
+            return raw
+        training = raw.get("training")
+        filtering = training.get("nonconvergence") if isinstance(training, dict) else None
+        if not isinstance(filtering, dict) or not isinstance(raw.get("objective", objectives.DEFAULT), str):
+            return raw
+        key = objectives.OBJECTIVES.get(raw.get("objective", objectives.DEFAULT))
+        filtering = dict(filtering)
+        if key is not None and filtering.get("monitor") == key.key:
+            filtering["monitor"] = None
+        monitor = filtering.get("monitor") or (key.key if key else None)
+        if monitor is not None and filtering.get("threshold") == objectives.default_threshold(monitor):
+            filtering["threshold"] = None
+        return {**raw, "training": {**training, "nonconvergence": filtering}}
+
+    @property
+    def nonconvergence_monitor(self) -> str:
+        """The log key nonconvergence filtering watches: `training.nonconvergence.monitor`, or the objective's."""
+        return self.training.nonconvergence.monitor or objectives.get(self.objective).key
+
+    @property
+    def nonconvergence_threshold(self) -> float | str:
+        """Its threshold as the file gives it (a number, or relative to chance), or the monitor's default."""
+        threshold = self.training.nonconvergence.threshold
+        return objectives.default_threshold(self.nonconvergence_monitor) if threshold is None else threshold
 
     @field_validator("backbones")
     @classmethod
@@ -242,8 +333,10 @@ def _resolved_paths(config: Experiment, base: Path) -> Experiment:
         if not path.is_file():
             raise ConfigError(f"weights: file not found: {path}")
         weights = str(path)
+    locations = {key: str((base / value).resolve()) for key in ("root", "manifest", "external_test")
+                 if (value := getattr(config.data, key)) is not None}
     return config.model_copy(update={
-        "data": config.data.model_copy(update={"root": str((base / config.data.root).resolve())}),
+        "data": config.data.model_copy(update=locations),
         "results_dir": str((base / config.results_dir).resolve()),
         "weights": weights,
     })

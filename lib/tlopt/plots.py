@@ -1,7 +1,9 @@
 """Every figure of the project; each function returns a matplotlib Figure.
 
 Figures are built with the object-oriented API (no pyplot state), so that
-they can be saved headless and shown in a notebook alike.
+they can be saved headless and shown in a notebook alike. Figures of results plot the
+run's objective (`tlopt.objectives`) and name it on their axes: validation accuracy
+unless the parameter file chose another.
 """
 
 from __future__ import annotations
@@ -14,41 +16,68 @@ from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
 from PIL import Image
 
+from tlopt import objectives
 from tlopt.strategies import REGISTRY
 
 
-def convergence_figure(X: np.ndarray, accuracies: np.ndarray) -> Figure:
-    """GPyOpt's convergence plot: distance between consecutive points, best value so far."""
+def _best_so_far(values: np.ndarray, objective: objectives.Objective) -> np.ndarray:
+    return np.maximum.accumulate(values) if objective.maximized else np.minimum.accumulate(values)
+
+
+def trial_values(trials: pd.DataFrame) -> tuple[objectives.Objective, np.ndarray]:
+    """The objective of a table of trials (`analysis.read_trials`) and each trial's value of it; a
+    failed trial at the worst value drawn (0, or the largest loss of the table)."""
+    objective = objectives.get(trials["objective"].iloc[0] if len(trials) else None)
+    values = trials["objective_value"].astype(float).to_numpy()
+    finished = values[np.isfinite(values)]
+    worst = 0.0 if objective.maximized else (finished.max() if finished.size else 0.0)
+    return objective, np.where(np.isfinite(values), values, worst)
+
+
+def _value_axis(axis, objective: objectives.Objective, **settings) -> None:
+    """Label a value axis with the objective; measures in [0, 1] get the whole range."""
+    axis.set(**settings)
+    if objective.maximized:
+        axis.set_ylim(-0.03, 1.03)
+
+
+def convergence_figure(X: np.ndarray, scores: np.ndarray, objective: str = objectives.DEFAULT) -> Figure:
+    """GPyOpt's convergence plot: distance between consecutive points, the objective's best value so far.
+
+    `scores` are BO's (`Objective.score`): the objective's values, or exp(-loss) for the loss.
+    """
     X = np.asarray(X, dtype=float)
-    accuracies = np.asarray(accuracies, dtype=float).reshape(-1)
+    measure = objectives.get(objective)
+    values = np.array([measure.value(score) for score in np.asarray(scores, dtype=float).reshape(-1)])
     figure = Figure(figsize=(10, 3.5))
     figure.subplots_adjust(left=0.07, right=0.98, bottom=0.15, wspace=0.25)
     left, right = figure.subplots(1, 2)
-    iterations = np.arange(1, len(accuracies) + 1)
+    iterations = np.arange(1, len(values) + 1)
     distances = np.sqrt(np.sum(np.diff(X, axis=0) ** 2, axis=1)) if len(X) > 1 else np.array([])
     left.plot(iterations[1:], distances, "-o", color="tab:red")
     left.set(title="Distance between consecutive x's", xlabel="Iteration", ylabel="d(x[n], x[n-1])")
-    right.plot(iterations, np.maximum.accumulate(accuracies), "-o", color="tab:blue")
-    right.set(title="Best validation accuracy so far", xlabel="Iteration", ylabel="best val_accuracy")
+    right.plot(iterations, _best_so_far(values, measure), "-o", color="tab:blue")
+    right.set(title=f"Best {measure.label} so far", xlabel="Iteration", ylabel=f"best {measure.key}")
     for axis in (left, right):
         axis.grid(True, alpha=0.3)
     return figure
 
 
-def acquisition_figure(surface: dict) -> Figure:
+def acquisition_figure(surface: dict, objective: str = objectives.DEFAULT) -> Figure:
     """The surrogate's mean and uncertainty with the acquisition, for 1-D and 2-D domains.
 
     `surface` comes from `bo.surrogate_surface`: for each curve (one per
     category of a categorical variable, or a single one) the grid, the mean and
-    standard deviation of the predicted validation accuracy, and the acquisition.
-    A 2-D numeric domain is drawn as heat maps.
+    standard deviation of the predicted score (the objective's value, or exp(-loss)),
+    and the acquisition. A 2-D numeric domain is drawn as heat maps.
     """
+    predicted = objectives.get(objective).score_label
     if surface["kind"] == "grid2d":
         figure = Figure(figsize=(13, 3.8), layout="constrained")
         axes = figure.subplots(1, 3)
         extent = [*surface["x_range"], *surface["y_range"]]
         for axis, key, title in zip(
-            axes, ("mean", "std", "acquisition"), ("Predicted val_accuracy", "Uncertainty (std)", "Acquisition")
+            axes, ("mean", "std", "acquisition"), (f"Predicted {predicted}", "Uncertainty (std)", "Acquisition")
         ):
             image = axis.imshow(surface[key], origin="lower", extent=extent, aspect="auto")
             figure.colorbar(image, ax=axis)
@@ -66,7 +95,7 @@ def acquisition_figure(surface: dict) -> Figure:
         )
         bottom.plot(curve["grid"], curve["acquisition"], color=line.get_color(), label=curve["label"])
         top.scatter(curve["points_x"], curve["points_y"], color=line.get_color(), s=20, zorder=3)
-    top.set(title="Surrogate: predicted val_accuracy (mean +- 2 std) and observations", ylabel="val_accuracy")
+    top.set(title=f"Surrogate: predicted {predicted} (mean +- 2 std) and observations", ylabel=predicted)
     bottom.set(title="Acquisition function", xlabel=surface["x_label"], ylabel="acquisition")
     if len(surface["curves"]) > 1:
         top.legend(fontsize="small")
@@ -120,12 +149,14 @@ def sample_grid_figure(split: pd.DataFrame, per_class: int = 5, seed: int = 0) -
 
 
 def bo_progress_figure(trials: pd.DataFrame) -> Figure:
-    """Each trial's validation accuracy in order, coloured by how it was chosen, with the best so far.
+    """Each trial's value of the objective in order, coloured by how it was chosen, with the best so far.
 
-    One panel per BO step, three to a row. Where the best-so-far line rises after the dashed
-    line (the end of the random initial design), Bayesian optimization improved on random
-    points. Failed trials are drawn at 0 as crosses.
+    One panel per BO step, three to a row. Where the best-so-far line improves after the
+    dashed line (the end of the random initial design), Bayesian optimization improved on
+    random points. Failed trials are drawn as crosses at the worst value (0, or the largest loss).
     """
+    objective, values = trial_values(trials)
+    trials = trials.assign(plotted=values)
     steps = list(dict.fromkeys(zip(trials["strategy"], trials["step"])))
     columns = min(len(steps), 3)
     grid_rows = -(-len(steps) // columns)
@@ -135,53 +166,59 @@ def bo_progress_figure(trials: pd.DataFrame) -> Figure:
         axis.set_axis_off()
     for axis, (strategy, step) in zip(axes, steps):
         rows = trials[(trials["strategy"] == strategy) & (trials["step"] == step)].sort_values("index")
-        accuracy = rows["val_accuracy"].astype(float).fillna(0.0).to_numpy()
+        values = rows["plotted"].to_numpy()
         numbers = rows["index"].to_numpy() + 1
         for method, colour in METHOD_COLOURS.items():
             chosen = (rows["method"] == method).to_numpy()
             if not chosen.any():
                 continue
             ok = (rows["status"] == "ok").to_numpy()
-            axis.scatter(numbers[chosen & ok], accuracy[chosen & ok], color=colour, label=method, zorder=3)
-            axis.scatter(numbers[chosen & ~ok], accuracy[chosen & ~ok], color=colour, marker="x", zorder=3)
-        axis.step(numbers, np.maximum.accumulate(accuracy), where="post", color="black", label="best so far")
+            axis.scatter(numbers[chosen & ok], values[chosen & ok], color=colour, label=method, zorder=3)
+            axis.scatter(numbers[chosen & ~ok], values[chosen & ~ok], color=colour, marker="x", zorder=3)
+        axis.step(numbers, _best_so_far(values, objective), where="post", color="black", label="best so far")
         initial = int((rows["method"] == "initial").sum())
         if 0 < initial < len(rows):
             axis.axvline(initial + 0.5, color="gray", linestyle="--", linewidth=1)
-        axis.set(title=f"{strategy} / {step}", xlabel="trial", ylabel="val_accuracy", ylim=(-0.03, 1.03))
+        _value_axis(axis, objective, title=f"{strategy} / {step}", xlabel="trial", ylabel=objective.key)
         axis.set_xticks(numbers)
         axis.grid(True, alpha=0.3)
         axis.legend(fontsize="small", loc="best")
     return figure
 
 
-def accuracy_by_epoch_figure(history: pd.DataFrame, colour_by: str = "strategy") -> Figure:
-    """Validation accuracy of every run against epoch, one panel per phase (the thesis's overview)."""
+def accuracy_by_epoch_figure(history: pd.DataFrame, colour_by: str = "strategy",
+                             objective: str = objectives.DEFAULT) -> Figure:
+    """The objective (validation accuracy by default) of every run against epoch, one panel per phase
+    (the thesis's overview)."""
+    measure = objectives.get(objective)
     phases = [phase for phase in PHASE_TITLES if phase in set(history["phase"])]
     figure = Figure(figsize=(6 * max(len(phases), 1), 4), layout="constrained")
     axes = np.atleast_1d(figure.subplots(1, max(len(phases), 1), squeeze=False)[0])
     groups = list(dict.fromkeys(history[colour_by]))
     for axis, phase in zip(axes, phases):
         for (group, _), run in history[history["phase"] == phase].groupby([colour_by, "trial"], sort=False):
-            axis.plot(run["epoch"] + 1, run["val_accuracy"], "-o", markersize=3, alpha=0.7,
+            axis.plot(run["epoch"] + 1, run[measure.key], "-o", markersize=3, alpha=0.7,
                       color=_colour(group, groups.index(group)))
-        axis.set(title=PHASE_TITLES[phase], xlabel="epoch", ylabel="val_accuracy", ylim=(-0.03, 1.03))
+        _value_axis(axis, measure, title=PHASE_TITLES[phase], xlabel="epoch", ylabel=measure.key)
         axis.xaxis.set_major_locator(MaxNLocator(integer=True))
         axis.grid(True, alpha=0.3)
     _legend(figure, axes[0], groups)
     return figure
 
 
-def accuracy_by_time_figure(history: pd.DataFrame, colour_by: str = "strategy") -> Figure:
-    """Validation accuracy of every run against wall-clock minutes since the run started."""
+def accuracy_by_time_figure(history: pd.DataFrame, colour_by: str = "strategy",
+                            objective: str = objectives.DEFAULT) -> Figure:
+    """The objective (validation accuracy by default) of every run against wall-clock minutes since the
+    run started."""
+    measure = objectives.get(objective)
     figure = Figure(figsize=(12, 4), layout="constrained")
     axis = figure.subplots()
     groups = list(dict.fromkeys(history[colour_by]))
     for (group, _, _), run in history.groupby([colour_by, "trial", "phase"], sort=False):
-        axis.plot(run["minutes"], run["val_accuracy"], "-o", markersize=3, alpha=0.7,
+        axis.plot(run["minutes"], run[measure.key], "-o", markersize=3, alpha=0.7,
                   color=_colour(group, groups.index(group)))
-    axis.set(title="Validation accuracy of every run against wall-clock time",
-             xlabel="minutes since the run started", ylabel="val_accuracy", ylim=(-0.03, 1.03))
+    title = f"{measure.label[0].upper()}{measure.label[1:]} of every run against wall-clock time"
+    _value_axis(axis, measure, title=title, xlabel="minutes since the run started", ylabel=measure.key)
     axis.grid(True, alpha=0.3)
     _legend(figure, axis, groups)
     return figure
@@ -193,26 +230,30 @@ def _legend(figure: Figure, axis, groups: list[str]) -> None:
 
 
 def strategy_comparison_figure(trials: pd.DataFrame, label_column: str = "strategy") -> Figure:
-    """Left: best validation accuracy so far over each strategy's trials (every step in order).
-    Right: the best validation accuracy of each step of each strategy.
+    """Left: the objective's best value so far over each strategy's trials (every step in order).
+    Right: the best value of each step of each strategy.
     """
     figure = Figure(figsize=(13, 4.2), layout="constrained")
     left, right = figure.subplots(1, 2)
+    objective, values = trial_values(trials)
+    trials = trials.assign(plotted=values)
     labels = list(dict.fromkeys(trials[label_column]))
     best_per_step = {}
     for index, label in enumerate(labels):
         rows = trials[trials[label_column] == label]
-        accuracy = rows["val_accuracy"].astype(float).fillna(0.0).to_numpy()
-        left.plot(np.arange(1, len(rows) + 1), np.maximum.accumulate(accuracy), "-o", markersize=3,
+        left.plot(np.arange(1, len(rows) + 1), _best_so_far(rows["plotted"].to_numpy(), objective), "-o", markersize=3,
                   color=_colour(label, index), label=label)
-        best_per_step[label] = rows.groupby("step", sort=False)["val_accuracy"].max()
-    left.set(title="Best validation accuracy so far", xlabel="trial (all steps in order)",
-             ylabel="best val_accuracy", ylim=(-0.03, 1.03))
+        steps = rows.groupby("step", sort=False)["plotted"]
+        best_per_step[label] = steps.max() if objective.maximized else steps.min()
+    _value_axis(left, objective, title=f"Best {objective.label} so far", xlabel="trial (all steps in order)",
+                ylabel=f"best {objective.key}")
     left.grid(True, alpha=0.3)
-    left.legend(fontsize="small", loc="lower right")
+    left.legend(fontsize="small", loc="best")
     table = pd.DataFrame(best_per_step).T[list(dict.fromkeys(trials["step"]))]
     table.plot.bar(ax=right, rot=15)
-    right.set(title="Best validation accuracy per step", ylabel="val_accuracy", ylim=(0, 1.05), xlabel="")
+    right.set(title=f"Best {objective.label} per step", ylabel=objective.key, xlabel="")
+    if objective.maximized:
+        right.set_ylim(0, 1.05)
     right.grid(True, axis="y", alpha=0.3)
     right.legend(title="step", fontsize="small")
     return figure

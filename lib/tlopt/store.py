@@ -2,7 +2,7 @@
 
 ```
 <results_dir>/<run>/
-  params.yaml  environment.json  split.csv  split_summary.json  trials.jsonl  report.html
+  params.yaml  environment.json  split.csv  split_summary.json  external.csv  trials.jsonl  report.html
   best.json             the winner: the best final model across strategies
   repeats.jsonl         the winner's setup retrained with other seeds (final.repeats)
   model.keras           the winner exported (`tlopt export`); <strategy>/model.keras a strategy's
@@ -61,6 +61,11 @@ class TrialFolder:
         """Per-epoch scalars of a phase (Keras's CSVLogger)."""
         return self.phase_dir(phase) / "history.csv"
 
+    def histories(self) -> list[Path]:
+        """The history files of the phases that have begun, in the order they were written."""
+        found = [path for path in self.path.glob("*/history.csv") if path.is_file()]
+        return sorted(found, key=lambda path: path.stat().st_mtime_ns)
+
     def weights(self, phase: str) -> Path:
         """The phase's best weights (by validation accuracy)."""
         return self.phase_dir(phase) / "best.weights.h5"
@@ -75,15 +80,37 @@ class TrialFolder:
 
 
 class TrialStore:
-    """The finished trials of a run, one JSON object a line, in the order they finished."""
+    """The trials of a run, one JSON object a line, in the order they finished.
+
+    A parallel step writes a trial twice: issued, then finished. The last line of an id
+    is its state; `records` gives the finished trials, `unfinished` the issued ones that
+    have no result (the run stopped while they ran).
+    """
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
 
-    def records(self) -> list[Trial]:
+    def latest(self) -> list[Trial]:
+        """The last record of every trial, in the order of those records."""
         if not self.path.is_file():
             return []
-        return [Trial.from_record(json.loads(line)) for line in self.path.read_text().splitlines() if line.strip()]
+        last: dict[str, Trial] = {}
+        for line in self.path.read_text().splitlines():
+            if line.strip():
+                trial = Trial.from_record(json.loads(line))
+                last.pop(trial.id, None)
+                last[trial.id] = trial
+        return list(last.values())
+
+    def records(self) -> list[Trial]:
+        """The finished trials (ok or failed), in the order they finished."""
+        return [trial for trial in self.latest() if trial.finished]
+
+    def unfinished(self, label: str, step: str) -> list[Trial]:
+        """Trials of a step that were issued and have no result, by index."""
+        issued = [trial for trial in self.latest()
+                  if not trial.finished and trial.strategy == label and trial.step == step]
+        return sorted(issued, key=lambda trial: trial.index)
 
     def of_step(self, label: str, step: str) -> list[Trial]:
         return [trial for trial in self.records() if trial.strategy == label and trial.step == step]
@@ -106,6 +133,7 @@ class RunFolder:
     ENVIRONMENT = "environment.json"
     SPLIT = "split.csv"
     SPLIT_SUMMARY = "split_summary.json"
+    EXTERNAL = "external.csv"
     TRIALS = "trials.jsonl"
     REPORT = "report.html"
     NOTEBOOKS = "notebooks"
@@ -146,18 +174,21 @@ class RunFolder:
         A run resumed with other parameters would mix two experiments in one trial store,
         so that is refused, naming the first key that differs. The stored file is validated
         first, so that a key added to the schema since the run started counts with its
-        default, as it does in the new parameters.
+        default, as it does in the new parameters. Where the trials run (`PLACEMENT_KEYS`
+        of `execution`) may change: the stored file then takes the new values.
         """
         run = cls.of(config) if path is None else cls(path)
         stored = run.params_file
         if stored.is_file():
-            difference = _first_difference(validate(run.read_params(), source=str(stored)).to_dict(),
-                                           config.to_dict())
+            started = validate(run.read_params(), source=str(stored))
+            difference = _first_difference(_without_placement(started.to_dict()), _without_placement(config.to_dict()))
             if difference:
                 raise ConfigError(
                     f"{stored}: the parameters differ from the ones this run started with "
                     f"({difference}); start a new run instead of resuming"
                 )
+            if started.execution != config.execution:
+                dump_params(config, stored)  # where the trials run now (another cluster, other GPUs)
         else:
             dump_params(config, stored)
             atomic_write_json(run.environment_file, environment())
@@ -179,6 +210,11 @@ class RunFolder:
     @property
     def split_summary_file(self) -> Path:
         return self.path / self.SPLIT_SUMMARY
+
+    @property
+    def external_file(self) -> Path:
+        """The external test set (`data.external_test`), kept apart from the split the search sees."""
+        return self.path / self.EXTERNAL
 
     @property
     def trials_file(self) -> Path:
@@ -279,6 +315,23 @@ class RunFolder:
     # Per trial
     def trial(self, trial_id: str) -> TrialFolder:
         return TrialFolder(self.path / "runs" / trial_id)
+
+    def local(self, recorded: str | os.PathLike) -> Path:
+        """A trial file's path as a record holds it (absolute, written wherever the run folder was then)
+        in this run folder now: a run folder moved to another machine finds its weights."""
+        parts = Path(recorded).parts
+        if "runs" not in parts or Path(recorded).is_file():
+            return Path(recorded)
+        return self.path.joinpath(*parts[len(parts) - 1 - parts[::-1].index("runs"):])
+
+
+# Keys that say where trials run, not what they compute: a resumed run may change them.
+PLACEMENT_KEYS = ("ray_address", "gpus_per_trial", "cpus_per_trial")
+
+
+def _without_placement(parameters: dict) -> dict:
+    execution = {key: value for key, value in parameters["execution"].items() if key not in PLACEMENT_KEYS}
+    return {**parameters, "execution": execution}
 
 
 def _first_difference(old: Any, new: Any, prefix: str = "") -> str | None:

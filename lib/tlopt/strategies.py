@@ -203,7 +203,7 @@ def _train(ctx: Context, phase: str, folder: TrialFolder, setup: dict) -> Any:
         return ctx.trainer.train_block(setup["backbone"], setup["block_optimizer"], setup["block_learning_rate"],
                                        **common)
     return ctx.trainer.fine_tune(setup["backbone"], setup["finetune_optimizer"], setup["finetune_learning_rate"],
-                                 setup["delimiting_layer"], setup["block_weights"], **common)
+                                 setup["delimiting_layer"], ctx.run.local(setup["block_weights"]), **common)
 
 
 def train_setup(ctx: Context, folder: TrialFolder, setup: dict) -> Outcome:

@@ -3,7 +3,7 @@
 Built from the run folder alone (`best.json`, the stored predictions, `repeats.jsonl`,
 `trials.jsonl`, the executed notebooks), so the report opens with it and notebook 05
 shows it; nothing is predicted or trained here. The scores carry their bootstrap 95 %
-intervals (docs/method.md section 10).
+intervals (docs/method.md section 14).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from datetime import datetime
 import nbformat
 import pandas as pd
 
-from tlopt import analysis, bootstrap, final
+from tlopt import analysis, bootstrap, final, objectives
 from tlopt.store import RunFolder
 
 SETUP_KEYS = ("backbone", "block_optimizer", "block_learning_rate", "finetune_optimizer", "finetune_learning_rate",
@@ -67,12 +67,14 @@ def summary_markdown(run: RunFolder | str | os.PathLike) -> str:
     if found is None:
         return f"## Summary\n\nNo strategy has finished: there is no final model yet. {_run_time(run)}"
     strategy, trial = found
+    objective = objectives.get(trial.objective)
     evaluations = stored_evaluations(run)
     parts = [
         "## Summary",
-        f"**The winner: {strategy}**, the best final model across strategies by validation accuracy "
-        f"(ties by the lower loss): trial `{trial.id}`, validation accuracy {trial.val_accuracy:.4f} "
-        f"(loss {trial.val_loss:.4f}) in the search. Export it with `tlopt export {run}`.",
+        f"**The winner: {strategy}**, the best final model across strategies by the search's objective, "
+        f"{objective.label} (ties by the lower loss): trial `{trial.id}`, {objective.label} "
+        f"{trial.objective_value:.4f} (validation accuracy {trial.val_accuracy:.4f}, loss {trial.val_loss:.4f}) "
+        f"in the search. Export it with `tlopt export {run}`.",
         _html(pd.Series({key: trial.setup.get(key) for key in SETUP_KEYS}).to_frame("setup")),
     ]
     own = [e for e in evaluations if e.strategy == strategy]

@@ -36,8 +36,9 @@ import keras
 import numpy as np
 import pandas as pd
 import tensorflow as tf
+from sklearn.utils.class_weight import compute_class_weight
 
-from tlopt import checkpoints, data, features
+from tlopt import checkpoints, data, features, objectives
 from tlopt.backbones import build_transfer_model, set_delimiting_layer
 from tlopt.callbacks import NonconvergenceFiltering, run_callbacks
 from tlopt.errors import ConfigError, DataError, TrainingError
@@ -72,7 +73,7 @@ def make_optimizer(name: str, learning_rate: float) -> keras.optimizers.Optimize
 
 @dataclass
 class RunResult:
-    """The outcome of one run, as the trial store records it."""
+    """The outcome of one run, as the trial store records it: the values at the objective's best epoch."""
 
     phase: str
     val_accuracy: float
@@ -83,6 +84,8 @@ class RunResult:
     seconds: float
     weights_path: str
     history: list[dict] = field(default_factory=list)
+    objective: str = objectives.DEFAULT
+    objective_value: float | None = None
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -93,6 +96,24 @@ def _rows(frame: pd.DataFrame, split: str) -> pd.DataFrame:
     if rows.empty:
         raise DataError(f"the split manifest has no {split!r} rows")
     return rows
+
+
+def _labels(frame: pd.DataFrame, class_names: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """The class indices of the training and of the validation rows."""
+    return tuple(data.label_indices(_rows(frame, split), class_names) for split in ("train", "val"))
+
+
+def class_weights(setting: str, train_labels: np.ndarray, num_classes: int) -> dict[int, float] | None:
+    """Keras's `class_weight` for `training.class_weight`: None, or "balanced" (n / (K x n_k), scikit-learn's
+    rule: every class weighs as much in the loss as the others, docs/method.md section 11)."""
+    if setting == "none":
+        return None
+    classes = np.arange(num_classes)
+    missing = np.setdiff1d(classes, train_labels)
+    if missing.size:
+        raise DataError(f"class index(es) {missing.tolist()} have no training images: no balanced class weight")
+    weights = compute_class_weight("balanced", classes=classes, y=train_labels)
+    return {int(index): float(weight) for index, weight in zip(classes, weights)}
 
 
 def _on_gpu(switch: str, instead: str) -> bool:
@@ -168,37 +189,47 @@ def _fit(
     learning_rate: float,
     epochs: int,
     datasets: tuple[tf.data.Dataset, tf.data.Dataset] | tuple[features.FeatureBatches, features.FeatureBatches],
+    labels: tuple[np.ndarray, np.ndarray],
     folder: TrialFolder,
     config: Experiment,
     started: float,
     reference: checkpoints.Reference,
     observers: Sequence[keras.callbacks.Callback] = (),
 ) -> RunResult:
-    """Compile and fit `model` with the run's callbacks; summarize the history.
+    """Compile and fit `model` with the run's callbacks; summarize the history at the objective's best epoch.
 
     Batches of cached features train the head with `features.fit_head`, Keras's fit loop
-    without its fixed cost per run; tf.data pipelines go to `Model.fit`.
+    without its fixed cost per run; tf.data pipelines go to `Model.fit`. Either way the
+    run logs the objective's metric (and the nonconvergence monitor's), and weights the
+    training loss by `training.class_weight`. `labels`: the class indices of the training
+    and validation images (for the class weights and the chance level).
     `observers` are extra callbacks that only watch (the notebooks' live figure).
     The checkpoint keeps the layers `model` trains, with `reference` to the rest.
     """
     if epochs < 1:
         raise ConfigError(f"{phase} epochs must be at least 1, got {epochs}")
+    objective, num_classes = objectives.get(config.objective), model.output_shape[-1]
+    train_labels, val_labels = labels
+    class_weight = class_weights(config.training.class_weight, train_labels, num_classes)
+    metrics = objectives.metrics_for(num_classes, [objective.key, config.nonconvergence_monitor])
     model.compile(
         optimizer=make_optimizer(optimizer, learning_rate),
         loss=LOSS,
-        metrics=["accuracy"],
+        metrics=["accuracy", *metrics],
         jit_compile=config.training.jit_compile and _on_gpu("training.jit_compile", "Keras compiles without XLA"),
     )
-    callbacks = run_callbacks(folder, phase, config.training, checkpoints.trained_layers(model), reference)
+    callbacks = run_callbacks(folder, phase, config, np.bincount(val_labels, minlength=num_classes),
+                              checkpoints.trained_layers(model), reference)
     train, val = datasets
     if isinstance(train, features.FeatureBatches):
-        fitted = features.fit_head(model, train, val, epochs, [*callbacks, *observers])
+        fitted = features.fit_head(model, train, val, epochs, [*callbacks, *observers], metrics, class_weight)
     else:
         fitted = model.fit(
             train,
             validation_data=val,
             epochs=epochs,
             callbacks=[*callbacks, keras.callbacks.TerminateOnNaN(), *observers],
+            class_weight=class_weight,
             shuffle=False,  # the training dataset shuffles itself (seeded); Keras cannot shuffle a tf.data pipeline
             verbose=0,
         )
@@ -212,7 +243,7 @@ def _fit(
             raise TrainingError(
                 f"loss became {kind} at epoch {row['epoch']} ({phase}, {optimizer}, learning rate {learning_rate})"
             )
-    best = int(np.argmax([row["val_accuracy"] for row in history]))
+    best = objective.best_index([row[objective.key] for row in history])
     filters = [callback for callback in callbacks if isinstance(callback, NonconvergenceFiltering)]
     if filters and filters[0].stopped:
         stopped_by = "nonconvergence"
@@ -230,6 +261,8 @@ def _fit(
         seconds=time.perf_counter() - started,
         weights_path=str(folder.weights(phase)),
         history=history,
+        objective=objective.name,
+        objective_value=history[best][objective.key],
     )
 
 
@@ -253,10 +286,11 @@ def train_block(
     """Train the classification block on the frozen backbone for at most `training.block_epochs`.
 
     `frame` is the split manifest (its train rows fit, its val rows validate); `folder`
-    the trial's folder (`store.TrialFolder`, or its path). The checkpoint keeps the Dense layer's weights at the best validation accuracy; the
-    backbone's are those it starts with (`config.weights`), which fine-tuning builds
-    again. With `training.feature_cache` (and a `cache_dir`) the Dense layer trains on
-    cached pooled features instead of running the frozen backbone in every epoch.
+    the trial's folder (`store.TrialFolder`, or its path). The checkpoint keeps the Dense
+    layer's weights at the objective's best value; the backbone's are those it starts with
+    (`config.weights`), which fine-tuning builds again. With `training.feature_cache` (and a
+    `cache_dir`) the Dense layer trains on cached pooled features instead of running the
+    frozen backbone in every epoch.
     """
     folder = TrialFolder(folder)
     with _run_scope(config):
@@ -267,8 +301,9 @@ def train_block(
             model, _ = _build(backbone, len(class_names), config, config.weights, frozen=True)
             datasets = _datasets(frame, class_names, config, cache_dir)
         return _fit(
-            "block", model, optimizer, learning_rate, config.training.block_epochs, datasets, folder, config, started,
-            _reference(backbone, len(class_names), config), observers,
+            "block", model, optimizer, learning_rate, config.training.block_epochs, datasets,
+            _labels(frame, class_names), folder, config, started, _reference(backbone, len(class_names), config),
+            observers,
         )
 
 
@@ -368,8 +403,9 @@ def fine_tune(
         datasets = _datasets(frame, class_names, config, cache_dir)
         set_delimiting_layer(base, delimiting_layer)
         return _fit(
-            "finetune", model, optimizer, learning_rate, config.training.finetune_epochs, datasets, folder, config,
-            started, _reference(backbone, len(class_names), config), observers,
+            "finetune", model, optimizer, learning_rate, config.training.finetune_epochs, datasets,
+            _labels(frame, class_names), folder, config, started, _reference(backbone, len(class_names), config),
+            observers,
         )
 
 
