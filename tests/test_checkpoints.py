@@ -123,3 +123,6 @@ def test_a_checkpoint_of_another_model_is_refused(tuned, tmp_path):
     assert not checkpoints.is_lean(keras_file)
     with pytest.raises(WeightsError, match="not a tlopt checkpoint"):
         checkpoints.read_reference(keras_file)
+    (tmp_path / "empty.weights.h5").touch()
+    with pytest.raises(WeightsError, match="empty.weights.h5 is not a weights file"):
+        training.load_trained_model(BACKBONE, tmp_path / "empty.weights.h5", 4, SETTINGS)

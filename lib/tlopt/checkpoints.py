@@ -87,14 +87,21 @@ def write(path: str | os.PathLike, layers: dict[str, keras.layers.Layer], refere
                     group.create_dataset(str(index), data=array)
 
 
+def _open(path: str | os.PathLike) -> h5py.File:
+    try:
+        return h5py.File(path, "r")
+    except OSError as error:
+        raise WeightsError(f"{path} is not a weights file: {error}") from None
+
+
 def is_lean(path: str | os.PathLike) -> bool:
     """Whether `path` is a checkpoint of this module (not a Keras weights file of the whole model)."""
-    with h5py.File(path, "r") as file:
+    with _open(path) as file:
         return _ATTRIBUTE in file.attrs
 
 
 def _header(path: str | os.PathLike) -> dict:
-    with h5py.File(path, "r") as file:
+    with _open(path) as file:
         if _ATTRIBUTE not in file.attrs:
             raise WeightsError(f"{path} is not a tlopt checkpoint (a Keras weights file?)")
         header = json.loads(file.attrs[_ATTRIBUTE])
@@ -122,7 +129,7 @@ def load_into(model: keras.Model, path: str | os.PathLike) -> None:
     """
     keys = stored_keys(path)
     layers = layers_by_key(model)
-    with h5py.File(path, "r") as file:
+    with _open(path) as file:
         for key in keys:
             if key not in layers:
                 raise WeightsError(f"{path}: the model {model.name} has no layer {key}")
