@@ -63,16 +63,8 @@ def layers_by_key(model: keras.Model) -> dict[str, keras.layers.Layer]:
 
 
 def trained_layers(model: keras.Model) -> dict[str, keras.layers.Layer]:
-    """The layers with weights that training changes: the trainable ones (a frozen backbone's count as frozen)."""
-    trained = {}
-    for layer in model.layers:
-        if isinstance(layer, keras.Model):
-            if layer.trainable:
-                trained.update({f"base/{inner.name}": inner for inner in layer.layers
-                                if inner.trainable and inner.weights})
-        elif layer.trainable and layer.weights:
-            trained[f"model/{layer.name}"] = layer
-    return trained
+    """The layers with weights that training changes: the trainable ones (freezing the backbone freezes each of its layers)."""
+    return {key: layer for key, layer in layers_by_key(model).items() if layer.trainable}
 
 
 def write(path: str | os.PathLike, layers: dict[str, keras.layers.Layer], reference: Reference) -> None:
