@@ -33,6 +33,24 @@ def run_tlopt(*args) -> subprocess.CompletedProcess:
     return subprocess.run([str(TLOPT), *map(str, args)], capture_output=True, text=True, cwd=REPOSITORY)
 
 
+# `make test` runs the suite in two processes (pytest-xdist, `--dist loadgroup`): a module's tests stay
+# in one process, so its module fixtures are built once; the notebooks share one run folder and run
+# in order in one process; the modules that read the session's `finished_run` share one process, which
+# runs it once; the real Ray tests run one after another (two Rays starting at once on 2 cores can miss
+# Ray's fixed 30 s start-up wait).
+XDIST_GROUPS = {
+    "test_e2e.py": "finished_run", "test_crash_safety.py": "finished_run", "test_report_offline.py": "finished_run",
+    "test_ray.py": "ray", "test_ray_cli.py": "ray", "test_parallel.py": "ray",
+}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        name = Path(str(item.fspath)).name
+        group = "notebooks" if name.endswith(".ipynb") else XDIST_GROUPS.get(name, name)
+        item.add_marker(pytest.mark.xdist_group(group))
+
+
 @pytest.fixture(scope="session")
 def demo_root(tmp_path_factory):
     """A small demo dataset: 4 classes x 30 images of 64 px."""

@@ -217,13 +217,16 @@ def test_one_slot_is_the_loop_of_the_first_version(tmp_path):
     first_version = yaml.safe_load((REPOSITORY / "tests" / "data" / "run-0.1.0" / "complete-trials.jsonl")
                                    .read_text().splitlines()[0])
     lines = (tmp_path / "explicit" / "p" / "trials.jsonl").read_text().splitlines()
-    assert all(set(yaml.safe_load(line)) == set(first_version) for line in lines)
+    # The first version's fields, and the objective a trial was scored on with its value.
+    assert all(set(yaml.safe_load(line)) == {*first_version, "objective", "objective_value"} for line in lines)
 
 
 # The trial store
 
 
 def record(index, status, **fields):
+    if "val_accuracy" in fields:  # scored on the default objective, validation accuracy
+        fields.setdefault("objective_value", fields["val_accuracy"])
     return Trial(f"s-model-{index:03d}", "s", "model", index, "initial", [0.0], {}, "", status, **fields)
 
 
@@ -402,22 +405,23 @@ def test_the_progress_bar_counts_running_trials(tmp_path):
     progress = progress_with(tmp_path, ["s-model-000", "s-model-001"])
     bar.step_begin(progress)
     bar.trial_begin(progress, "s-model-001")
-    assert bar.bar.postfix == "best=n/a, running=2" and bar.bar.n == 0
+    assert bar.bar.postfix == "running=2, best val_accuracy=n/a" and bar.bar.n == 0
     del progress.running["s-model-000"]
     progress.tell(record(0, TrialState.OK, val_accuracy=0.75, val_loss=0.1))
     bar.trial_end(progress, progress.done[-1])
-    assert bar.bar.postfix == "best=0.750, running=1" and bar.bar.n == 1
+    assert bar.bar.postfix == "running=1, best val_accuracy=0.750" and bar.bar.n == 1
     bar.step_end(progress, "budget")
 
 
 # The command line
 
 
-def test_parallel_and_ray_address_on_the_command_line_set_the_execution_section(tmp_path):
+def test_parallel_and_ray_address_on_the_command_line_set_the_execution_section(tmp_path, demo_root):
     from tlopt import cli
 
     path = tmp_path / "exp.yaml"
-    path.write_text(yaml.safe_dump({"data": {"root": "data"}, "results_dir": "results"}))
+    path.write_text(yaml.safe_dump({"data": {"root": str(demo_root)}, "results_dir": "results",
+                                    "backbones": ["VGG16"], "weights": None}))
     args = cli.parser().parse_args(["run", str(path), "--parallel", "4", "--ray-address", "10.0.0.1:6379"])
     config, run, lock = cli.open_run_dir(args)
     lock.close()
