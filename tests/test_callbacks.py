@@ -6,7 +6,8 @@ import pandas as pd
 import pytest
 
 from conftest import experiment
-from tlopt.callbacks import NonconvergenceFiltering, run_callbacks
+from tlopt import checkpoints
+from tlopt.callbacks import BestWeights, NonconvergenceFiltering, run_callbacks
 from tlopt.errors import ConfigError
 from tlopt.store import TrialFolder
 
@@ -31,10 +32,10 @@ def _tiny_data():
     return rng.normal(size=(16, 4)).astype("float32"), rng.integers(0, 2, 16)
 
 
-def _fit(callbacks, epochs=20, scores=None, name="score"):
+def _fit(callbacks, epochs=20, scores=None, name="score", model=None):
     """A real fit of a tiny model; `scores[epoch]` is logged as `name` before the other callbacks run."""
     x, y = _tiny_data()
-    model = _tiny_model()
+    model = model or _tiny_model()
     if scores is not None:
         inject = keras.callbacks.LambdaCallback(on_epoch_end=lambda epoch, logs: logs.update({name: scores[epoch]}))
         callbacks = [inject, *callbacks]
@@ -119,16 +120,17 @@ def _by_type(callbacks):
     return {type(callback).__name__: callback for callback in callbacks}
 
 
+REFERENCE = checkpoints.Reference("VGG16", None, 0, 32, "max", 2)
+
+
 def test_run_callbacks_are_the_thesis_list(tmp_path):
     settings = experiment({"training.early_stopping_patience": 4,
                            "training.nonconvergence": {"threshold": 0.3, "patience": 2}})
-    callbacks = _by_type(run_callbacks(TrialFolder(tmp_path), "block", settings, BALANCED))
+    callbacks = _by_type(run_callbacks(TrialFolder(tmp_path), "block", settings, BALANCED, {}, REFERENCE))
     assert set(callbacks) == {"CSVLogger", "BestWeights", "TensorBoard", "EarlyStopping", "NonconvergenceFiltering"}
     checkpoint = callbacks["BestWeights"]
-    assert isinstance(checkpoint, keras.callbacks.ModelCheckpoint)
     assert checkpoint.filepath == str(tmp_path / "block" / "best.weights.h5")
-    assert (checkpoint.monitor, checkpoint.mode) == ("val_accuracy", "max")
-    assert checkpoint.save_best_only and checkpoint.save_weights_only
+    assert checkpoint.reference == REFERENCE
     stopping = callbacks["EarlyStopping"]
     assert (stopping.monitor, stopping.mode, stopping.patience) == ("val_accuracy", "max", 4)
     filtering = callbacks["NonconvergenceFiltering"]
@@ -137,20 +139,39 @@ def test_run_callbacks_are_the_thesis_list(tmp_path):
 
 def test_nonconvergence_filtering_can_be_switched_off(tmp_path):
     callbacks = run_callbacks(TrialFolder(tmp_path), "block", experiment({"training.nonconvergence.enabled": False}),
-                              BALANCED)
+                              BALANCED, {}, REFERENCE)
     assert "NonconvergenceFiltering" not in _by_type(callbacks)
 
 
 def test_run_callbacks_write_history_best_weights_and_tensorboard(tmp_path):
     phase_dir, tensorboard_dir = tmp_path / "block", tmp_path / "tensorboard" / "block"
+    model = _tiny_model()
     callbacks = run_callbacks(TrialFolder(tmp_path), "block", experiment({"training.early_stopping_patience": 50}),
-                              BALANCED)
-    _fit(callbacks, epochs=3)
+                              BALANCED, checkpoints.trained_layers(model), REFERENCE)
+    _fit(callbacks, epochs=3, model=model)
     history = pd.read_csv(phase_dir / "history.csv")
     assert list(history["epoch"]) == [0, 1, 2]
     assert {"loss", "accuracy", "val_loss", "val_accuracy"} <= set(history.columns)
     assert (phase_dir / "best.weights.h5").is_file()
     assert list(tensorboard_dir.glob("validation/events.out.tfevents.*"))
+
+
+def test_best_weights_keeps_the_layers_at_the_best_validation_accuracy_and_no_optimizer_state(tmp_path):
+    """Written at each new best (NaN never is one); the file holds the named layers' weights and the reference."""
+    model = _tiny_model()
+    path = tmp_path / "best.weights.h5"
+    seen = []
+    remember = keras.callbacks.LambdaCallback(on_epoch_end=lambda epoch, logs: seen.append(model.get_weights()))
+    checkpoint = BestWeights(str(path), {"model/dense": model.layers[0]}, REFERENCE)
+    _fit([checkpoint, remember], epochs=5, scores=[0.2, 0.6, 0.4, float("nan"), 0.5], name="val_accuracy",
+         model=model)
+    assert checkpoints.stored_keys(path) == ["model/dense"]
+    assert checkpoints.read_reference(path) == REFERENCE
+    fresh = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2, name="dense")])
+    checkpoints.load_into(fresh, path)
+    for stored, best in zip(fresh.get_weights(), seen[1]):
+        np.testing.assert_array_equal(stored, best)
+    assert not np.array_equal(seen[1][0], seen[4][0])  # training went on after the best epoch
 
 
 @pytest.mark.parametrize(("objective", "key", "mode"), [
@@ -159,7 +180,7 @@ def test_run_callbacks_write_history_best_weights_and_tensorboard(tmp_path):
 ])
 def test_the_checkpoint_early_stopping_and_the_filter_watch_the_objective(tmp_path, objective, key, mode):
     callbacks = _by_type(run_callbacks(TrialFolder(tmp_path), "finetune", experiment({"objective": objective}),
-                                       BALANCED))
+                                       BALANCED, {}, REFERENCE))
     assert (callbacks["BestWeights"].monitor, callbacks["BestWeights"].mode) == (key, mode)
     assert (callbacks["EarlyStopping"].monitor, callbacks["EarlyStopping"].mode) == (key, mode)
     filtering = callbacks["NonconvergenceFiltering"]
@@ -172,11 +193,12 @@ def test_the_checkpoint_early_stopping_and_the_filter_watch_the_objective(tmp_pa
 def test_a_monitor_set_in_the_file_does_not_follow_the_objective(tmp_path):
     settings = experiment({"objective": "macro_f1", "training.nonconvergence.monitor": "val_accuracy",
                            "training.nonconvergence.threshold": "2x chance"})
-    filtering = _by_type(run_callbacks(TrialFolder(tmp_path), "block", settings, [30, 10]))["NonconvergenceFiltering"]
+    filtering = _by_type(run_callbacks(TrialFolder(tmp_path), "block", settings, [30, 10], {}, REFERENCE))[
+        "NonconvergenceFiltering"]
     assert (filtering.monitor, filtering.threshold) == ("val_accuracy", 1.0)  # 2 x 1/2
 
 
 def test_a_fixed_threshold_below_chance_is_warned_about(tmp_path):
     settings = experiment({"training.nonconvergence.threshold": 0.3})
     with pytest.warns(UserWarning, match=r"threshold 0.3 is below chance \(0.5 for val_accuracy with 2 classes\)"):
-        run_callbacks(TrialFolder(tmp_path), "block", settings, [5, 5])
+        run_callbacks(TrialFolder(tmp_path), "block", settings, [5, 5], {}, REFERENCE)

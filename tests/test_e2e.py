@@ -3,12 +3,12 @@
 import json
 import re
 import shutil
-from pathlib import Path
 
 import nbformat
 import pytest
 
 from conftest import REPOSITORY, run_tlopt
+from tlopt import checkpoints
 from tlopt.params import dump_params, load_params
 
 pytestmark = pytest.mark.slow
@@ -43,20 +43,26 @@ def test_the_run_writes_every_file_of_the_results_layout(finished_run):
 
     trials = [json.loads(line) for line in (run_dir / "trials.jsonl").read_text().splitlines()]
     assert [t["id"] for t in trials] == [f"shared-{step}-{i:03d}" for step in ("model", "layers") for i in range(3)]
-    assert all(t["status"] == "ok" and Path(t["weights"]).is_file() for t in trials)
+    assert all(t["status"] == "ok" for t in trials)
     for step, surrogate in (("model", False), ("layers", True)):
         for name in ("evaluations.txt", "report.txt", "convergence.png", "status.json"):
             assert (run_dir / "shared" / step / name).is_file(), f"{step}/{name}"
         assert (run_dir / "shared" / step / "acquisition.png").is_file() == surrogate
+    best = json.loads((run_dir / "shared" / "best.json").read_text())
+    assert best["model"]["id"].startswith("shared-model-") and best["final"]["id"].startswith("shared-layers-")
+    # training.keep_weights: best keeps the final model's checkpoint and its basis's block (lean: no optimizer
+    # state, the layers fine-tuning trained); every trial's history and events stay.
+    kept = {f"{best['model']['id']}/block", f"{best['final']['id']}/finetune"}
     for trial in trials:
         phases = ("block", "finetune") if trial["step"] == "model" else ("finetune",)
         for phase in phases:
-            for name in ("history.csv", "best.weights.h5"):
-                assert (run_dir / "runs" / trial["id"] / phase / name).is_file()
+            folder = run_dir / "runs" / trial["id"] / phase
+            assert (folder / "history.csv").is_file()
+            assert (folder / "best.weights.h5").is_file() == (f"{trial['id']}/{phase}" in kept), folder
             assert any((run_dir / "runs" / trial["id"] / "tensorboard" / phase / "validation").iterdir())
-
-    best = json.loads((run_dir / "shared" / "best.json").read_text())
-    assert best["model"]["id"].startswith("shared-model-") and best["final"]["id"].startswith("shared-layers-")
+    final_checkpoint = run_dir / "runs" / best["final"]["id"] / "finetune" / "best.weights.h5"
+    assert checkpoints.is_lean(final_checkpoint)
+    assert "model/predictions" in checkpoints.stored_keys(final_checkpoint)
 
     assert sorted(path.stem for path in (run_dir / "notebooks").glob("*.ipynb")) == NOTEBOOKS
     for name in NOTEBOOKS:

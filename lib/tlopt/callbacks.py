@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 import keras
 
-from tlopt import objectives
+from tlopt import checkpoints, objectives
 from tlopt.errors import ConfigError
 from tlopt.params import Experiment
 from tlopt.store import TrialFolder
@@ -72,21 +72,36 @@ class NonconvergenceFiltering(keras.callbacks.Callback):
             self.wait += 1
 
 
-class BestWeights(keras.callbacks.ModelCheckpoint):
-    """The weights at the best value of `monitor` (the objective), of the model that trains or of `checkpointed`.
+class BestWeights(keras.callbacks.Callback):
+    """At each new best value of `monitor` (the objective), write the checkpoint of the layers the run trains.
 
-    `checkpointed` shares layers with the model that trains: the classification block's
-    checkpoint is its Dense layer alone, whether the whole transfer model trains (on the
-    fly) or the Dense layer alone (cached features), and it is small to write.
+    `layers` are the trained layers by key (`checkpoints.trained_layers` of the transfer
+    model, or of the Dense layer alone on cached features); `reference` names the rest.
+    No optimizer state: nothing reads it once the run has ended. A NaN never improves.
+    `mode`: "max" or "min", the objective's direction.
     """
 
-    def __init__(self, filepath: str, checkpointed: keras.Model | None = None, monitor: str = "val_accuracy",
-                 mode: str = "max") -> None:
-        super().__init__(filepath, monitor=monitor, mode=mode, save_best_only=True, save_weights_only=True)
-        self.checkpointed = checkpointed
+    def __init__(self, filepath: str, layers: dict[str, keras.layers.Layer], reference: checkpoints.Reference,
+                 monitor: str = "val_accuracy", mode: str = "max") -> None:
+        super().__init__()
+        self.filepath = filepath
+        self.layers = layers
+        self.reference = reference
+        self.monitor = monitor
+        self.mode = mode
+        self.best = self._worst()
 
-    def set_model(self, model: keras.Model) -> None:
-        super().set_model(model if self.checkpointed is None else self.checkpointed)
+    def _worst(self) -> float:
+        return -math.inf if self.mode == "max" else math.inf
+
+    def on_train_begin(self, logs: dict | None = None) -> None:
+        self.best = self._worst()
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        value = float((logs or {}).get(self.monitor, math.nan))
+        if value > self.best if self.mode == "max" else value < self.best:
+            self.best = value
+            checkpoints.write(self.filepath, self.layers, self.reference)
 
 
 def nonconvergence_threshold(config: Experiment, class_counts: Sequence[int]) -> float:
@@ -96,14 +111,14 @@ def nonconvergence_threshold(config: Experiment, class_counts: Sequence[int]) ->
 
 def run_callbacks(
     folder: TrialFolder, phase: str, config: Experiment, class_counts: Sequence[int],
-    checkpointed: keras.Model | None = None,
+    layers: dict[str, keras.layers.Layer], reference: checkpoints.Reference,
 ) -> list[keras.callbacks.Callback]:
     """The callbacks of one run (classification block or fine-tuning) of a trial.
 
     The phase's folder receives `history.csv` (per-epoch scalars) and `best.weights.h5`
-    (the weights of `checkpointed`, by default the model that trains, at the objective's
-    best value); its TensorBoard folder the event files (scalars only: no graph, no
-    profiling, which cost seconds per run). EarlyStopping watches the objective;
+    (the weights of the trained `layers` at the objective's best value, with the `reference`
+    to the rest, `tlopt.checkpoints`); its TensorBoard folder the event files (scalars only: no
+    graph, no profiling, which cost seconds per run). EarlyStopping watches the objective;
     nonconvergence filtering is added when `training.nonconvergence.enabled` is on.
     `class_counts` (validation images per class) set a threshold relative to chance.
     """
@@ -111,7 +126,7 @@ def run_callbacks(
     folder.phase_dir(phase).mkdir(parents=True, exist_ok=True)
     callbacks = [
         keras.callbacks.CSVLogger(str(folder.history(phase))),
-        BestWeights(str(folder.weights(phase)), checkpointed, objective.key, objective.mode),
+        BestWeights(str(folder.weights(phase)), layers, reference, objective.key, objective.mode),
         keras.callbacks.TensorBoard(log_dir=str(folder.tensorboard(phase)), write_graph=False, profile_batch=0),
         keras.callbacks.EarlyStopping(monitor=objective.key, mode=objective.mode,
                                       patience=training.early_stopping_patience),

@@ -13,11 +13,11 @@ from tlopt.analysis import strategy_trials
 from tlopt.params import Experiment
 from tlopt.store import RunFolder
 from tlopt.strategies import LAYER_STEP, get_strategy, strategy_runs
-from tlopt.trials import Trial, TrialState
+from tlopt.trials import Trial, TrialState, best_trial
 
 
 def _check_search(config: Experiment, run: RunFolder, strategy: str, steps: tuple[str, ...], best: Trial) -> None:
-    """Budgets kept, the best trial the best of the last step, weights and convergence plots on disk."""
+    """Budgets kept, the best trial the best of the last step, the checkpoints kept, convergence plots on disk."""
     trials = strategy_trials(run, strategy, steps)
     finished = trials[trials["status"] == TrialState.OK]
     assert (trials.groupby(["strategy", "step"]).size() <= config.bo.budget).all(), \
@@ -25,10 +25,31 @@ def _check_search(config: Experiment, run: RunFolder, strategy: str, steps: tupl
     last = finished[finished["step"] == steps[-1]]["objective_value"]
     assert best.score == last.map(objectives.get(config.objective).score).max(), \
         "the best trial is not the best of the last step"
-    assert all(run.local(path).is_file() for path in finished["weights"]), "a finished trial lost its weights"
+    _check_checkpoints(config, run, strategy, steps)
     for label, _ in strategy_runs(config, strategy):
         for step in steps:
             assert (run.step_dir(label, step) / "convergence.png").is_file(), f"{label}/{step}: no convergence plot"
+
+
+def _check_checkpoints(config: Experiment, run: RunFolder, strategy: str, steps: tuple[str, ...]) -> None:
+    """The checkpoints later steps and the final evaluation read are on disk; with `training.keep_weights: best`
+    no other (each step's best keeps its own, but model optimization's gives way to the final model's)."""
+    keep_all = config.training.keep_weights == "all"
+    for label, _ in strategy_runs(config, strategy):
+        best_file = run.read_best(label)
+        superseded = best_file["model"]["id"] if "final" in best_file and not keep_all else None
+        for step in steps:
+            finished = [trial for trial in run.trials.of_step(label, step) if trial.ok]
+            best = best_trial(finished)
+            for trial in finished:
+                if keep_all or trial is best:
+                    assert trial.id == superseded or run.local(trial.weights).is_file(), f"{trial.id} lost its weights"
+                else:
+                    folder = run.trial(trial.id)
+                    assert not any(folder.weights(phase).is_file() for phase in ("block", "finetune")), \
+                        f"{trial.id} was beaten in its step and still has its checkpoints"
+            if best is not None and "block_weights" in best.setup:
+                assert run.local(best.setup["block_weights"]).is_file(), f"{best.id}: its block weights are gone"
 
 
 def _check_builds_on(trial: Trial, basis: dict) -> None:

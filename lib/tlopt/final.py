@@ -71,7 +71,8 @@ def repeat_winner(config: Experiment, run: RunFolder | str | os.PathLike, traine
 
     Both phases train again (the classification block depends on the seed too); the
     delimiting layer, optimizers and rates are the winner's. Finished repeats are read from
-    `repeats.jsonl`, not trained again. A repeat that fails is recorded as failed.
+    `repeats.jsonl`, not trained again. A repeat that fails is recorded as failed. Its
+    checkpoints are deleted unless `training.keep_weights` is `all`.
     """
     run = RunFolder(run)
     strategy = name_winner(run)["strategy"]
@@ -87,6 +88,8 @@ def repeat_winner(config: Experiment, run: RunFolder | str | os.PathLike, traine
                                {"seed": seeded.seed}, run.trial(trial_id))
         done[repeat] = run_trial(lambda hp, folder, ctx=ctx: train_setup(ctx, folder, setup), request)
         run.repeats.append(done[repeat])
+        if config.training.keep_weights == "best":
+            request.folder.remove_weights()  # a repeat's result is its score; nothing reads its model
     return [done[repeat] for repeat in sorted(done) if repeat <= config.final.repeats]
 
 

@@ -372,6 +372,8 @@ def run_step(ctx: Context, label: str, step: str, space: SearchSpace, objective:
             progress.tell(trial)
             for watcher in watchers:
                 watcher.trial_end(progress, trial)
+            if ctx.config.training.keep_weights == "best":
+                _remove_beaten_weights(run, progress.done)
             failures = _consecutive_failures(progress.done)
             if failures >= settings.max_consecutive_failures:
                 raise StepFailed(f"{label}/{step}: {failures} consecutive trials failed; last error: {trial.error}")
@@ -381,6 +383,18 @@ def run_step(ctx: Context, label: str, step: str, space: SearchSpace, objective:
             watcher.step_end(progress, stop_reason if finished else None)
     atomic_write_json(run.step_status_file(label, step), {"trials": len(progress.done), "stop_reason": stop_reason})
     return _best_or_fail(progress.done, label, step)
+
+
+def _remove_beaten_weights(run: RunFolder, trials: list[Trial]) -> None:
+    """Delete the checkpoints of a step's trials but its best so far: no later step or evaluation reads them.
+
+    A trial once beaten never becomes a step's best again (a later trial replaces the best
+    only with a strictly better score), so its files can go as soon as it is beaten.
+    """
+    best = best_trial(trials)
+    for trial in trials:
+        if trial is not best:
+            run.trial(trial.id).remove_weights()
 
 
 def _best_or_fail(trials: list[Trial], label: str, step: str) -> Trial:
@@ -433,7 +447,9 @@ def _drive(config: Experiment, strategy: str, run: RunFolder | None, layers: boo
 
     Each step builds on the setup of the previous step's best trial (the layer step on the
     best trial of model optimization). `best.json` keeps, per label, the best trial of each
-    step, of model optimization ("model") and of layer optimization ("final").
+    step, of model optimization ("model") and of layer optimization ("final"). With
+    `training.keep_weights: best`, the checkpoints nothing will read go as soon as that is
+    known (docs/method.md section 8).
     """
     entry = get_strategy(strategy)
     run = RunFolder.open(config, run)
@@ -459,6 +475,9 @@ def _drive(config: Experiment, strategy: str, run: RunFolder | None, layers: boo
             basis = best.setup
         if layers:
             run.update_best(label, final=best.to_record())
+            if config.training.keep_weights == "best":
+                # The final model replaces model optimization's; the block checkpoint stays (the layer step's basis).
+                run.trial(run.read_best(label)["model"]["id"]).remove_weights(("finetune",))
         else:
             run.update_best(label, steps={name: trial.to_record() for name, trial in bests.items()},
                             model=best.to_record())

@@ -133,6 +133,7 @@ class Training(_Section):
     activation_cache_max_gb: float = Field(10.0, ge=0)
     mixed_precision: bool = False
     jit_compile: bool = False
+    keep_weights: Literal["best", "all"] = "best"
 
 
 class BayesianOptimization(_Section):

@@ -8,7 +8,7 @@
   model.keras           the winner exported (`tlopt export`); <strategy>/model.keras a strategy's
   <strategy>/best.json  <strategy>/predictions-<split>.json
   <strategy>/<step>/    GPyOpt's files, figures, status.json
-  runs/<trial>/         <phase>/history.csv, <phase>/best.weights.h5, tensorboard/<phase>/
+  runs/<trial>/         <phase>/history.csv, <phase>/best.weights.h5 (kept where read), tensorboard/<phase>/
   tables/ figures/      notebook 05's tables (CSV, LaTeX) and figures (PNG, SVG), for a paper
   cache/                decoded images, pooled features and activations shared by the trials
   notebooks/            the executed notebooks
@@ -72,6 +72,11 @@ class TrialFolder:
 
     def tensorboard(self, phase: str) -> Path:
         return self.path / "tensorboard" / phase
+
+    def remove_weights(self, phases: tuple[str, ...] = ("block", "finetune")) -> None:
+        """Delete the phases' checkpoints (`training.keep_weights: best`); histories and events stay."""
+        for phase in phases:
+            self.weights(phase).unlink(missing_ok=True)
 
 
 class TrialStore:

@@ -16,7 +16,9 @@ only sooner.
 
 Files of a run, in its trial's folder (`store.TrialFolder`):
     block/history.csv, block/best.weights.h5          classification block (its Dense layer's weights)
-    finetune/history.csv, finetune/best.weights.h5    fine-tuning (the whole model's weights)
+    finetune/history.csv, finetune/best.weights.h5    fine-tuning (the weights of the layers it trained)
+The checkpoints (`tlopt.checkpoints`) hold no optimizer state, and no frozen layer: those are
+the backbone's starting weights, which the checkpoint names and loading builds again.
     tensorboard/block/, tensorboard/finetune/         TensorBoard event files
 """
 
@@ -39,7 +41,7 @@ import pandas as pd
 import tensorflow as tf
 from sklearn.utils.class_weight import compute_class_weight
 
-from tlopt import activations, data, features, objectives
+from tlopt import activations, checkpoints, data, features, objectives
 from tlopt.backbones import build_transfer_model, get_backbone, set_delimiting_layer
 from tlopt.callbacks import NonconvergenceFiltering, run_callbacks
 from tlopt.errors import ConfigError, DataError, TrainingError
@@ -194,6 +196,7 @@ def _fit(
     folder: TrialFolder,
     config: Experiment,
     started: float,
+    reference: checkpoints.Reference,
     observers: Sequence[keras.callbacks.Callback] = (),
     checkpointed: keras.Model | None = None,
 ) -> RunResult:
@@ -205,8 +208,9 @@ def _fit(
     training loss by `training.class_weight`. `labels`: the class indices of the training
     and validation images (for the class weights and the chance level).
     `observers` are extra callbacks that only watch (the notebooks' live figure).
-    `checkpointed`: the model whose weights the checkpoint keeps, one that shares layers
-    with `model` (the classification block's Dense layer alone); `model` by default.
+    The checkpoint keeps the layers `model` trains, with `reference` to the rest;
+    `checkpointed` (default `model`) is the model whose layers it keys them by: the whole
+    transfer model, whose layers the upper model of the activation cache shares.
     """
     if epochs < 1:
         raise ConfigError(f"{phase} epochs must be at least 1, got {epochs}")
@@ -220,7 +224,8 @@ def _fit(
         metrics=["accuracy", *metrics],
         jit_compile=config.training.jit_compile and _on_gpu("training.jit_compile", "Keras compiles without XLA"),
     )
-    callbacks = run_callbacks(folder, phase, config, np.bincount(val_labels, minlength=num_classes), checkpointed)
+    callbacks = run_callbacks(folder, phase, config, np.bincount(val_labels, minlength=num_classes),
+                              checkpoints.trained_layers(checkpointed or model), reference)
     train, val = datasets
     if isinstance(train, features.FeatureBatches):
         fitted = features.fit_head(model, train, val, epochs, [*callbacks, *observers], metrics, class_weight)
@@ -267,6 +272,12 @@ def _fit(
     )
 
 
+def _reference(backbone: str, num_classes: int, config: Experiment) -> checkpoints.Reference:
+    """How a run of `config` builds its transfer model: what its checkpoints leave out."""
+    return checkpoints.Reference(backbone, config.weights, config.seed, config.data.image_size, config.pooling,
+                                 num_classes)
+
+
 def train_block(
     backbone: str,
     optimizer: str,
@@ -292,14 +303,13 @@ def train_block(
         started = time.perf_counter()
         if config.training.feature_cache and cache_dir is not None and _features_cacheable(backbone):
             model, datasets = _head_on_cached_features(backbone, frame, class_names, config, cache_dir)
-            checkpointed = None  # the head is the Dense layer alone
         else:
             model, _ = _build(backbone, len(class_names), config, config.weights, frozen=True)
             datasets = _datasets(frame, class_names, config, cache_dir)
-            checkpointed = features.head_of(model)
         return _fit(
             "block", model, optimizer, learning_rate, config.training.block_epochs, datasets,
-            _labels(frame, class_names), folder, config, started, observers, checkpointed,
+            _labels(frame, class_names), folder, config, started, _reference(backbone, len(class_names), config),
+            observers,
         )
 
 
@@ -356,11 +366,28 @@ def _head_on_cached_features(
 def load_trained_model(
     backbone: str, weights_path: str | os.PathLike, num_classes: int, config: Experiment
 ) -> tuple[keras.Model, keras.Model]:
-    """(model, base): the transfer model with a fine-tuned run's saved weights (random initialisation first: they replace it)."""
+    """(model, base): the transfer model with a fine-tuned run's saved weights.
+
+    A checkpoint (`tlopt.checkpoints`) is loaded into the transfer model built as its run
+    built it: the backbone's weights source it names (ImageNet, a file, or random weights
+    drawn after seeding Keras with its seed, as the run did), its image size, pooling and
+    classes. A Keras weights file of the whole model (written before lean checkpoints)
+    replaces every weight of a randomly initialised model.
+    """
     if not Path(weights_path).is_file():
         raise TrainingError(f"weights file not found: {weights_path}")
-    model, base = _build(backbone, num_classes, config, None)
-    model.load_weights(weights_path)
+    if not checkpoints.is_lean(weights_path):
+        model, base = _build(backbone, num_classes, config, None)
+        model.load_weights(weights_path)
+        return model, base
+    reference = checkpoints.read_reference(weights_path)
+    if (reference.backbone, reference.num_classes) != (backbone, num_classes):
+        raise TrainingError(f"{weights_path} holds a {reference.backbone} with {reference.num_classes} classes, "
+                            f"not a {backbone} with {num_classes}")
+    keras.utils.set_random_seed(reference.seed)
+    built = config.updated({"data.image_size": reference.image_size, "pooling": reference.pooling})
+    model, base = _build(backbone, num_classes, built, reference.weights)
+    checkpoints.load_into(model, weights_path)
     return model, base
 
 
@@ -392,7 +419,10 @@ def fine_tune(
     with _run_scope(config):
         started = time.perf_counter()
         model, base = _build(backbone, len(class_names), config, config.weights)
-        features.head_of(model).load_weights(block_weights)
+        if checkpoints.is_lean(block_weights):
+            checkpoints.load_into(model, block_weights)
+        else:  # the Dense layer's Keras weights file, as tlopt wrote it before lean checkpoints
+            features.head_of(model).load_weights(block_weights)
         if config.training.activation_cache and cache_dir is not None:
             trained, datasets = _upper_on_cached_activations(
                 model, base, backbone, delimiting_layer, frame, class_names, config, cache_dir
@@ -402,7 +432,8 @@ def fine_tune(
             set_delimiting_layer(base, delimiting_layer)
         return _fit(
             "finetune", trained, optimizer, learning_rate, config.training.finetune_epochs, datasets,
-            _labels(frame, class_names), folder, config, started, observers, checkpointed=model,
+            _labels(frame, class_names), folder, config, started, _reference(backbone, len(class_names), config),
+            observers, checkpointed=model,
         )
 
 
