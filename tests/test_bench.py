@@ -1,6 +1,5 @@
 """The benchmark scripts' own logic: the GPU projection's arithmetic and the race with KerasTuner."""
 
-import math
 import sys
 from pathlib import Path
 
