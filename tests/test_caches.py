@@ -13,7 +13,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from tlopt import data, features, objectives, training
+from tlopt import checkpoints, data, features, objectives, training
 from tlopt.backbones import build_transfer_model, get_backbone, layer_count
 from tlopt.errors import DataError
 from conftest import experiment
@@ -401,9 +401,8 @@ def test_block_checkpoint_is_the_dense_layer_at_its_best_epoch(runs, manifest, p
     result = runs[path]
     keras.utils.set_random_seed(SETTINGS.seed)
     model, _ = build_transfer_model(BACKBONE, len(names), SIZE, None)
-    head = features.head_of(model)
-    head.load_weights(result.weights_path)
-    assert [weight.path for weight in head.weights] == ["predictions/kernel", "predictions/bias"]
+    assert checkpoints.stored_keys(result.weights_path) == [features.head_of(model).name]
+    checkpoints.load_into(model, result.weights_path)
 
     val = frame[frame["split"] == "val"]
     images = data.make_dataset(val, names, SIZE, 16, False)
@@ -473,7 +472,6 @@ def test_mixed_precision_on_a_gpu_sets_the_policy_for_the_run_only(manifest, tmp
     assert policies[0] == "mixed_float16" and keras.mixed_precision.global_policy().name == "float32"
     assert np.isfinite(result.history[0]["loss"]) and result.val_accuracy > 0
     model, _ = build_transfer_model(BACKBONE, len(names), SIZE, None)
-    head = features.head_of(model)
-    head.load_weights(result.weights_path)  # float32 weights, as under the float32 policy
-    assert {weight.dtype for weight in head.weights} == {"float32"}
+    checkpoints.load_into(model, result.weights_path)  # float32 weights, as under the float32 policy
+    assert {weight.dtype for weight in features.head_of(model).weights} == {"float32"}
     keras.backend.clear_session()

@@ -35,11 +35,13 @@ OUTPUT = re.compile(r"^(\[\d+/\d+\] \S+ (\.\.\.|done in \d+ s|finished before, s
 @pytest.fixture
 def tiny(tmp_path):
     """params/ci.yaml cut to the shared strategy, 2 random + 1 model-based trial of 1 + 1 epochs; `asap`, so
-    that the model-based trial starts as soon as either random one ends."""
+    that the model-based trial starts as soon as either random one ends; every trial keeps its checkpoints
+    (`keep_weights: all`), so that the test can tell that no finished trial was trained again."""
     params = load_params(REPOSITORY / "params" / "ci.yaml", {
         "results_dir": str(tmp_path / "results"), "data.root": str(tmp_path / "data"), "backbones": ["VGG16"],
         "strategies": ["shared"], "layer_optimization.enabled": False, "execution.schedule": "asap",
         "training.block_epochs": 1, "training.finetune_epochs": 1, "bo.initial_points": 2, "bo.iterations": 1,
+        "training.keep_weights": "all",
     })
     return dump_params(params, tmp_path / "tiny.yaml")
 
