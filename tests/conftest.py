@@ -62,6 +62,15 @@ def demo_root(tmp_path_factory):
     )
 
 
+@pytest.fixture(scope="module")
+def manifest(demo_root):
+    """The demo dataset split 70/30 (seed 0), with its class names: what the training tests train on."""
+    from tlopt import data
+
+    frame = data.split(data.discover(demo_root), val_fraction=0.3, seed=0)
+    return frame, data.class_names(frame)
+
+
 @pytest.fixture(scope="session")
 def ci_params(tmp_path_factory):
     """params/ci.yaml with its data and results in a temporary folder, and the options of imbalanced

@@ -30,12 +30,6 @@ SETTINGS = experiment({
 CACHED = SETTINGS.updated({"data.image_cache": True, "training.feature_cache": True})
 
 
-@pytest.fixture(scope="module")
-def manifest(demo_root):
-    frame = data.split(data.discover(demo_root), val_fraction=0.3, seed=0)
-    return frame, data.class_names(frame)
-
-
 def _epoch(dataset: tf.data.Dataset | features.FeatureBatches) -> tuple[np.ndarray, np.ndarray]:
     images, labels = zip(*[(np.asarray(x), np.asarray(y)) for x, y in dataset])
     return np.concatenate(images), np.concatenate(labels)

@@ -32,12 +32,6 @@ class FullCheckpoint(keras.callbacks.ModelCheckpoint):
 
 
 @pytest.fixture(scope="module")
-def manifest(demo_root):
-    frame = data.split(data.discover(demo_root), val_fraction=0.3, seed=0)
-    return frame, data.class_names(frame)
-
-
-@pytest.fixture(scope="module")
 def tuned(manifest, tmp_path_factory):
     """A block run and a fine-tuning run from it, seeded with 3 (as a repeat of the winner is), with both checkpoints."""
     frame, names = manifest

@@ -16,7 +16,7 @@ import pandas as pd
 import pytest
 
 from conftest import experiment
-from tlopt import data, training
+from tlopt import training
 from tlopt.backbones import layer_count
 from tlopt.errors import ConfigError, DataError, TrainingError
 from tlopt.params import THESIS_OPTIMIZERS as OPTIMIZERS
@@ -54,12 +54,6 @@ def test_make_optimizer_rejects_unknown_names_and_bad_rates():
     for rate in (-0.1, float("nan")):
         with pytest.raises(ConfigError, match="learning rate"):
             make_optimizer("SGD", rate)
-
-
-@pytest.fixture(scope="module")
-def manifest(demo_root):
-    frame = data.split(data.discover(demo_root), val_fraction=0.3, seed=0)
-    return frame, data.class_names(frame)
 
 
 @pytest.fixture(scope="module")
