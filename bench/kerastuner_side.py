@@ -43,7 +43,6 @@ Run alone: `python bench/kerastuner_side.py` (about 10 minutes on 2 CPU cores);
 
 from __future__ import annotations
 
-import os
 import statistics
 import sys
 import tempfile
@@ -52,9 +51,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-os.environ.setdefault("KERAS_BACKEND", "tensorflow")
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
+import tlopt  # noqa: F401  TensorFlow's environment (backend, log level, oneDNN) before keras imports it
 import keras
 import keras_tuner
 import pandas as pd

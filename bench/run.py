@@ -43,9 +43,7 @@ from contextlib import contextmanager
 from datetime import date
 from pathlib import Path
 
-os.environ.setdefault("KERAS_BACKEND", "tensorflow")
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
+import tlopt  # noqa: F401  TensorFlow's environment (backend, log level, oneDNN) before keras imports it
 import keras
 import pandas as pd
 import tensorflow as tf

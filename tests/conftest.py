@@ -2,9 +2,9 @@
 
 import os
 
-os.environ.setdefault("KERAS_BACKEND", "tensorflow")
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+
+import tlopt  # noqa: F401  TensorFlow's environment (backend, log level, oneDNN) before a test module imports it
 
 import shutil
 import signal

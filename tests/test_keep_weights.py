@@ -118,3 +118,24 @@ def test_a_run_killed_anywhere_resumes_with_every_checkpoint_it_reads(tmp_path, 
     checks.check_strategy(params, run, STRATEGY, model)
     assert [(t.id, t.x) for t in run.trials.records()] == [(t.id, t.x) for t in reference_run.trials.records()]
     assert checkpoints_on_disk(run) == on_disk["layers"]
+
+
+class CachingTrainer(FakeTrainer):
+    """Writes an activation cache per (backbone, delimiting layer) as `training.fine_tune` does with the cache on."""
+
+    def fine_tune(self, backbone, optimizer, learning_rate, delimiting_layer, block_weights, *args, **kwargs):
+        Path(kwargs["cache_dir"]).mkdir(parents=True, exist_ok=True)
+        (Path(kwargs["cache_dir"]) / f"activations-{backbone}-{delimiting_layer}-key.npy").write_bytes(b"")
+        return super().fine_tune(backbone, optimizer, learning_rate, delimiting_layer, block_weights, *args, **kwargs)
+
+
+def test_a_layer_step_leaves_only_model_optimizations_activation_caches(tmp_path):
+    params, run = make_run(tmp_path)
+    model = optimize.run_strategy(params, STRATEGY, run, trainer=CachingTrainer(), progress=False)
+    model_caches = sorted(path.name for path in run.cache_dir.glob("activations-*"))
+    optimize.run_layer_optimization(params, STRATEGY, run, trainer=CachingTrainer(), progress=False)
+
+    tried = {trial.setup["delimiting_layer"] for trial in run.trials.of_step(STRATEGY, "layers")}
+    assert len(tried - {model.setup["delimiting_layer"]}) >= 2, "the layer step wrote caches of other layers"
+    assert f"activations-{model.setup['backbone']}-{model.setup['delimiting_layer']}-key.npy" in model_caches
+    assert sorted(path.name for path in run.cache_dir.glob("activations-*")) == model_caches

@@ -7,8 +7,11 @@ convolutions still separate the demo classes; at 32 px it is also the quickest t
 """
 
 import json
-import weakref
 import math
+import os
+import subprocess
+import sys
+import weakref
 
 import keras
 import numpy as np
@@ -201,3 +204,16 @@ def test_run_result_to_dict_is_plain_data():
         "objective": "val_accuracy",
         "objective_value": None,
     }
+
+
+@pytest.mark.parametrize(("given", "expected"), [(None, "1"), ("0", "0")])
+def test_importing_tlopt_turns_on_onednn_unless_the_user_chose(given, expected):
+    """TensorFlow's oneDNN kernels are on by default only on AVX-512 CPUs; tlopt asks for them before TensorFlow starts."""
+    environment = {key: value for key, value in os.environ.items() if key != "TF_ENABLE_ONEDNN_OPTS"}
+    if given is not None:
+        environment["TF_ENABLE_ONEDNN_OPTS"] = given
+    shown = subprocess.run(
+        [sys.executable, "-c", "import os, tlopt; print(os.environ['TF_ENABLE_ONEDNN_OPTS'])"],
+        env=environment, capture_output=True, text=True, check=True,
+    )
+    assert shown.stdout.strip() == expected

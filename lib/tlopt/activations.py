@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -239,6 +240,21 @@ def activations_path(
         variants,
     )
     return Path(cache_dir) / f"activations-{backbone}-{index}-{key}.npy"
+
+
+def remove_caches(cache_dir: str | os.PathLike, backbone: str, layers: Iterable[int]) -> int:
+    """Delete `backbone`'s activation caches at the delimiting `layers` (every key, their locks too); how many went.
+
+    Layer optimization builds one cache per layer it tries and no later step reads them
+    (docs/method.md section 8.1).
+    """
+    removed = 0
+    for index in layers:
+        for path in Path(cache_dir).glob(f"activations-{backbone}-{index}-*.npy"):
+            path.unlink(missing_ok=True)
+            (path.parent / f".{path.name}.lock").unlink(missing_ok=True)
+            removed += 1
+    return removed
 
 
 def extract(

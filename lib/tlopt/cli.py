@@ -23,14 +23,38 @@ import time
 from pathlib import Path
 from typing import TextIO
 
-from tlopt import data
-from tlopt.backbones import check_weights
-from tlopt.errors import TloptError
-from tlopt.objectives import get as get_objective
-from tlopt.params import Experiment, load_params
-from tlopt.report import render_report
-from tlopt.store import RunFolder, TrialStore
-from tlopt.strategies import REGISTRY, strategy_names
+
+@contextlib.contextmanager
+def native_stderr_silenced():
+    """Send what is written to file descriptor 2 to /dev/null for a while.
+
+    TensorFlow 2.21 writes INFO lines at import (oneDNN's, and on some CPUs their
+    features), before absl logging is initialised, which TF_CPP_MIN_LOG_LEVEL does not
+    hold back; kernels started meanwhile inherit the descriptor, so their own logs stay
+    out too (what a notebook prints is in the notebook). Without this they would bury the
+    CLI's one-line messages. Python's errors still surface: they are raised, and printed
+    after the descriptor is restored.
+    """
+    saved = os.dup(2)
+    with open(os.devnull, "w") as devnull:
+        os.dup2(devnull.fileno(), 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+# tlopt's modules import TensorFlow: its start-up lines stay out of the command's output.
+with native_stderr_silenced():
+    from tlopt import data
+    from tlopt.backbones import check_weights
+    from tlopt.errors import TloptError
+    from tlopt.objectives import get as get_objective
+    from tlopt.params import Experiment, load_params
+    from tlopt.report import render_report
+    from tlopt.store import RunFolder, TrialStore
+    from tlopt.strategies import REGISTRY, strategy_names
 
 # The source notebooks: the repository's notebooks/ folder (tlopt is installed editable from it).
 SOURCE_NOTEBOOKS = Path(__file__).resolve().parents[2] / "notebooks"
@@ -111,26 +135,6 @@ def restrict_gpus(count: int) -> None:
     available = os.environ.get("CUDA_VISIBLE_DEVICES")
     devices = available.split(",") if available else [str(index) for index in range(count)]
     os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(devices[:count])
-
-
-@contextlib.contextmanager
-def native_stderr_silenced():
-    """Send what is written to file descriptor 2 to /dev/null for a while.
-
-    TensorFlow 2.21 writes INFO lines at import, before absl logging is initialised, when
-    TF_CPP_MIN_LOG_LEVEL does not hold them back; kernels started meanwhile inherit the
-    descriptor, so their own logs stay out too (what a notebook prints is in the notebook).
-    Without this they would bury the CLI's one-line messages. Python's errors still
-    surface: they are raised, and printed after the descriptor is restored.
-    """
-    saved = os.dup(2)
-    with open(os.devnull, "w") as devnull:
-        os.dup2(devnull.fileno(), 2)
-    try:
-        yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
 
 
 class TrialPrinter(threading.Thread):
@@ -259,9 +263,6 @@ def open_run_dir(args: argparse.Namespace) -> tuple[Experiment, RunFolder, TextI
 
 
 def run(args: argparse.Namespace) -> int:
-    with native_stderr_silenced():
-        import tensorflow  # noqa: F401  (validating the parameters imports it; its start-up log stays out)
-
     if not SOURCE_NOTEBOOKS.is_dir():
         raise TloptError(f"notebooks not found in {SOURCE_NOTEBOOKS}: install tlopt editable from its repository")
     check_kernel()
@@ -322,9 +323,6 @@ def predict(args: argparse.Namespace) -> int:
 
 def weights(args: argparse.Namespace) -> int:
     """Download the pretrained weights of every backbone of a parameter file into Keras's cache."""
-    with native_stderr_silenced():
-        import tensorflow  # noqa: F401  (its start-up log stays out)
-
     config = load_params(args.params)
     files = check_weights(config)
     if not files:

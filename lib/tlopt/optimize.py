@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from tlopt import bo, data, objectives
+from tlopt import activations, bo, data, objectives
 from tlopt.backbones import check_weights
 from tlopt.errors import TloptError
 from tlopt.files import atomic_write_json
@@ -37,7 +37,7 @@ from tlopt.parallel import RayExecutor
 from tlopt.params import Experiment
 from tlopt.space import SearchSpace
 from tlopt.store import RunFolder, TrialFolder
-from tlopt.strategies import LAYER_STEP, Basis, Context, Objective, Step, get_strategy, strategy_runs
+from tlopt.strategies import LAYER_STEP, Basis, Context, Objective, Step, default_layer, get_strategy, strategy_runs
 from tlopt.trials import Trial, TrialState, best_trial
 
 
@@ -449,7 +449,7 @@ def _drive(config: Experiment, strategy: str, run: RunFolder | None, layers: boo
     best trial of model optimization). `best.json` keeps, per label, the best trial of each
     step, of model optimization ("model") and of layer optimization ("final"). With
     `training.keep_weights: best`, the checkpoints nothing will read go as soon as that is
-    known (docs/method.md section 8).
+    known (docs/method.md section 8); so do the activation caches of a layer step's layers.
     """
     entry = get_strategy(strategy)
     run = RunFolder.open(config, run)
@@ -475,6 +475,11 @@ def _drive(config: Experiment, strategy: str, run: RunFolder | None, layers: boo
             basis = best.setup
         if layers:
             run.update_best(label, final=best.to_record())
+            # The activation caches of the layers this step tried: no later step reads them, except
+            # model optimization's default layer (later strategies' model steps share its cache).
+            backbone = best.setup["backbone"]
+            tried = {trial.setup.get("delimiting_layer") for trial in run.trials.of_step(label, LAYER_STEP.name)}
+            activations.remove_caches(run.cache_dir, backbone, tried - {None, default_layer(config, backbone)})
             if config.training.keep_weights == "best":
                 # The final model replaces model optimization's; the block checkpoint stays (the layer step's basis).
                 run.trial(run.read_best(label)["model"]["id"]).remove_weights(("finetune",))
