@@ -493,8 +493,8 @@ def main(argv: list[str] | None = None) -> int:
     off_seconds, off_cpu, off_best = off.seconds, off.cpu_seconds, off.best
     real_on, real_off = realistic_experiments["on"], realistic_experiments["off"]
     extraction = real_on.feature_extraction + real_on.activation_extraction
-    train_images = int((realistic_frame["split"] == "train").sum())
-    val_images = int((realistic_frame["split"] == "val").sum())
+    realistic_train = int((realistic_frame["split"] == "train").sum())
+    realistic_val = int((realistic_frame["split"] == "val").sum())
     parallel_seconds, parallel_best = parallel.seconds, parallel.best
     rows = [
         "| measurement | tlopt | without / other | ratio | target |",
@@ -517,14 +517,14 @@ def main(argv: list[str] | None = None) -> int:
         f"time (the run above); best val accuracy {parallel_best:.2f} vs {on_best:.2f}; one run each "
         f"| {parallel_seconds:.0f} s | {on_seconds:.0f} s | {ratio(on_seconds, parallel_seconds)} | |",
         *(f"| fine-tuning trial of {backbone} at {REALISTIC_SIZE} px from its default delimiting layer "
-          f"({FINETUNE_EPOCHS} epochs of {train_images} + {val_images} images; the demo drawn at {REALISTIC_SIZE} px, "
+          f"({FINETUNE_EPOCHS} epochs of {realistic_train} + {realistic_val} images; the demo drawn at {REALISTIC_SIZE} px, "
           f"random weights): activation cache, extraction included ({times.extraction:.1f} s, {times.cache_mb:.0f} MB) "
           f"vs on the fly; first epoch (tracing) {times.epochs[0][0]:.1f} s vs {times.epochs[1][0]:.1f} s, steady epoch "
           f"{times.steady[0]:.2f} s vs {times.steady[1]:.2f} s ({ratio(times.steady[1], times.steady[0])}) "
           f"| {times.trial[0]:.1f} s | {times.trial[1]:.1f} s | {ratio(times.trial[1], times.trial[0])} | |"
           for backbone, times in finetunes.items()),
         f"| whole experiment at {REALISTIC_SIZE} px, all caches on vs all off: the demo drawn at {REALISTIC_SIZE} px "
-        f"({train_images} + {val_images} images), strategy `shared`, model optimization of "
+        f"({realistic_train} + {realistic_val} images), strategy `shared`, model optimization of "
         f"{', '.join(FINETUNE_BACKBONES)}, {REALISTIC_TRIALS} random trials (drawn: {', '.join(real_on.backbones)}), "
         f"{REALISTIC_EPOCHS[0]} block : {REALISTIC_EPOCHS[1]} fine-tuning epochs; best val accuracy "
         f"{real_on.best:.2f} (on) vs {real_off.best:.2f} (off); {real_on.cache_files} cache files; the cached run spent "
