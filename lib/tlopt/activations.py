@@ -42,7 +42,7 @@ import pandas as pd
 import tensorflow as tf
 
 from tlopt import data, features
-from tlopt.files import build_once
+from tlopt.files import build_once, lock_file
 from tlopt.params import Experiment
 
 # Layers that draw noise whenever the model trains, frozen or not (Keras ignores `trainable`
@@ -242,19 +242,16 @@ def activations_path(
     return Path(cache_dir) / f"activations-{backbone}-{index}-{key}.npy"
 
 
-def remove_caches(cache_dir: str | os.PathLike, backbone: str, layers: Iterable[int]) -> int:
-    """Delete `backbone`'s activation caches at the delimiting `layers` (every key, their locks too); how many went.
+def remove_caches(cache_dir: str | os.PathLike, backbone: str, layers: Iterable[int]) -> None:
+    """Delete `backbone`'s activation caches at the delimiting `layers` (every key, their locks too).
 
     Layer optimization builds one cache per layer it tries and no later step reads them
     (docs/method.md section 8.1).
     """
-    removed = 0
     for index in layers:
         for path in Path(cache_dir).glob(f"activations-{backbone}-{index}-*.npy"):
             path.unlink(missing_ok=True)
-            (path.parent / f".{path.name}.lock").unlink(missing_ok=True)
-            removed += 1
-    return removed
+            lock_file(path).unlink(missing_ok=True)
 
 
 def extract(

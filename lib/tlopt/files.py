@@ -42,6 +42,12 @@ def atomic_path(path: str | os.PathLike, suffix: str = ".tmp") -> Iterator[Path]
         raise
 
 
+def lock_file(path: str | os.PathLike) -> Path:
+    """The lock file `locked` holds for `path`: `.<name>.lock` beside it."""
+    path = Path(path)
+    return path.parent / f".{path.name}.lock"
+
+
 @contextmanager
 def locked(path: str | os.PathLike) -> Iterator[None]:
     """Hold an exclusive lock named after `path` (`.<name>.lock` beside it) for the block.
@@ -51,7 +57,7 @@ def locked(path: str | os.PathLike) -> Iterator[None]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.parent / f".{path.name}.lock", "a") as handle:
+    with open(lock_file(path), "a") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
             yield
