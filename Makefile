@@ -26,7 +26,7 @@ $(KERNEL): $(STAMP)
 		--env KERAS_BACKEND tensorflow --env TF_CPP_MIN_LOG_LEVEL 2
 
 test: setup
-	$(PY) -m pytest -n 2 --dist loadgroup
+	$(PY) -m pytest -n 2 --dist loadgroup --no-loadscope-reorder
 
 demo: setup
 	$(VENV)/bin/tlopt run params/demo.yaml --name demo --replace

@@ -42,14 +42,24 @@ XDIST_GROUPS = {
     "test_e2e.py": "finished_run", "test_crash_safety.py": "finished_run", "test_report_offline.py": "finished_run",
     "test_ray.py": "ray", "test_ray_cli.py": "ray", "test_parallel.py": "ray",
 }
+# The groups that take minutes on 2 cores, longest first. They are handed out first (the Makefile turns
+# pytest-xdist's own order, by number of tests, off), so that the suite does not end with one process
+# running one of them while the other idles.
+LONGEST_FIRST = ("ray", "finished_run", "test_activations.py", "notebooks", "test_optimize.py", "test_training.py",
+                 "test_browser.py")
+
+
+def xdist_group(item) -> str:
+    name = Path(str(item.fspath)).name
+    return "notebooks" if name.endswith(".ipynb") else XDIST_GROUPS.get(name, name)
 
 
 @pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own hook reads the groups
 def pytest_collection_modifyitems(items):
     for item in items:
-        name = Path(str(item.fspath)).name
-        group = "notebooks" if name.endswith(".ipynb") else XDIST_GROUPS.get(name, name)
-        item.add_marker(pytest.mark.xdist_group(group))
+        item.add_marker(pytest.mark.xdist_group(xdist_group(item)))
+    rank = {group: place for place, group in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(xdist_group(item), len(rank)))  # stable: each group keeps its order
 
 
 @pytest.fixture(scope="session")

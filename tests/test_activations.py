@@ -277,14 +277,22 @@ def test_above_the_size_limit_fine_tuning_runs_on_the_fly_with_one_line(vgg_runs
     assert result.history == vgg_runs["on_the_fly"].history[:1]
 
 
-@pytest.mark.slow
-def test_fine_tuning_from_a_cut_inside_a_residual_block_is_the_on_the_fly_run(manifest, tmp_path):
-    _, base, _ = _model("ResNet50", 0)
-    index = _index(base, "conv4_block4_2_conv")
-    keras.backend.clear_session()
-    _, on_the_fly, cached = _fine_tune_both_ways(manifest, tmp_path, "ResNet50", index,
-                                                 **{"training.finetune_epochs": 1})
-    _assert_same_run(on_the_fly, cached, "ResNet50", manifest[1])
+def _small_resnet(include_top=False, weights=None, input_shape=(SIZE, SIZE, 3)):
+    """Two residual units (convolution, BatchNorm, ReLU twice, added to their input), as in ResNet.
+
+    ResNet50 takes minutes to trace twice on 2 cores; its cuts are checked above.
+    """
+    layers = keras.layers
+    images = keras.Input(input_shape)
+    x = layers.Conv2D(8, 3, strides=2, name="stem_conv")(images)
+    for unit in range(2):
+        y = x
+        for conv in (1, 2):
+            y = layers.Conv2D(8, 3, padding="same", name=f"unit{unit}_{conv}_conv")(y)
+            y = layers.BatchNormalization(name=f"unit{unit}_{conv}_bn")(y)
+            y = layers.ReLU(name=f"unit{unit}_{conv}_relu")(y)
+        x = layers.Add(name=f"unit{unit}_add")([x, y])
+    return keras.Model(images, x, name="small_resnet")
 
 
 def _small_densenet(include_top=False, weights=None, input_shape=(SIZE, SIZE, 3)):
@@ -303,16 +311,21 @@ def _small_densenet(include_top=False, weights=None, input_shape=(SIZE, SIZE, 3)
     return keras.Model(images, x, name="small_densenet")
 
 
-def test_fine_tuning_from_a_cut_inside_a_dense_block_is_the_on_the_fly_run(manifest, tmp_path, monkeypatch):
-    monkeypatch.setitem(BACKBONES, "SmallDenseNet", Backbone(
-        "SmallDenseNet", _small_densenet, keras.applications.densenet.preprocess_input, SIZE))
-    model, base, _ = _model("SmallDenseNet", 0)
-    index = _index(base, "unit1_conv")
+@pytest.mark.parametrize(("build", "preprocess", "layer", "crossing"), [
+    (_small_resnet, keras.applications.resnet.preprocess_input, "unit1_2_conv", ["unit0_add", "unit1_1_relu"]),
+    (_small_densenet, keras.applications.densenet.preprocess_input, "unit1_conv", ["unit0_concat", "unit1_relu"]),
+], ids=["residual", "dense"])
+def test_fine_tuning_from_a_cut_inside_a_block_is_the_on_the_fly_run(manifest, tmp_path, monkeypatch, build,
+                                                                      preprocess, layer, crossing):
+    """Inside a residual block the shortcut crosses the cut; inside a dense block, the concatenation so far."""
+    monkeypatch.setitem(BACKBONES, "Small", Backbone("Small", build, preprocess, SIZE))
+    model, base, _ = _model("Small", 0)
+    index = _index(base, layer)
     set_delimiting_layer(base, index)
-    assert _producers(activations.find_cut(base, index)) == ["unit0_concat", "unit1_relu"]
+    assert _producers(activations.find_cut(base, index)) == crossing
     keras.backend.clear_session()
-    _, on_the_fly, cached = _fine_tune_both_ways(manifest, tmp_path, "SmallDenseNet", index)
-    _assert_same_run(on_the_fly, cached, "SmallDenseNet", manifest[1])
+    _, on_the_fly, cached = _fine_tune_both_ways(manifest, tmp_path, "Small", index)
+    _assert_same_run(on_the_fly, cached, "Small", manifest[1])
 
 
 def test_trials_building_the_same_cache_at_once_extract_it_once(manifest, tmp_path, monkeypatch):
