@@ -5,14 +5,14 @@ tools get the same search, taken from one tlopt parameter file (params/demo.yaml
 `comparable`): the same domain (tlopt's `joint` strategy: backbone, optimizer,
 log-scaled learning rate and delimiting layer as a fraction of depth; the KerasTuner
 hyperparameters are made from tlopt's own search space), the same budget (10 trials: 3
-random, then 7 chosen by a Gaussian process), the same epochs (at most 2 of the
-classification block, then at most 5 of fine-tuning, scored by the best fine-tuning
+random, then 7 chosen by a Gaussian process), the same epochs (the demo's: at most 2 of
+the classification block, then at most 3 of fine-tuning, scored by the best fine-tuning
 validation accuracy), the same data (the demo's split, 32 px) and, in each repetition,
 the same seed (training and the random points). Each tool runs as its users run it.
 
 tlopt: `optimize.run_strategy` on a new run folder with the parameter file's settings:
 the decoded-image cache, the classification block trained on cached backbone features,
-nonconvergence filtering (a run below 30 % validation accuracy for 3 epochs stops),
+nonconvergence filtering (a run below 30 % validation accuracy for 2 epochs stops),
 EarlyStopping, and everything it writes (CSV and TensorBoard logs, best-weights
 checkpoints, the trial store, GPyOpt's report files, a convergence plot).
 
@@ -37,7 +37,7 @@ in alternating order (tlopt first, then KerasTuner first, ...), so that a change
 machine's load hits both. Reported: the median wall time and the median best validation
 accuracy over the seeds, their ratio and difference, and where each side's time goes.
 
-Run alone: `python bench/kerastuner_side.py` (about 10 minutes on 2 CPU cores);
+Run alone: `python bench/kerastuner_side.py` (about 20 minutes on 2 CPU cores);
 `make bench` runs it too.
 """
 

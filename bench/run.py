@@ -2,9 +2,10 @@
 
 Each ratio compares two ways of doing the same work in the same process, run
 alternately (A B, B A, A B, ...) so that a change in the machine's load hits both,
-and takes the median of `--repeats` repetitions. The whole experiment takes
-minutes a side and runs once each; the race with KerasTuner (bench/kerastuner_side.py)
+and takes the median of `--repeats` repetitions. The searches and whole experiments
+take minutes a side and run once each; the race with KerasTuner (bench/kerastuner_side.py)
 runs each tool once per seed, three seeds, in alternating order, and reports medians.
+About 40 minutes on 2 CPU cores, half of it the race; the bench prints how long it took.
 
 Prints a markdown table, writes it with the machine's description into
 docs/performance.md (between the bench markers), prints `kerastuner_speedup=<ratio>`
@@ -69,9 +70,9 @@ BEGIN, END = "<!-- bench:begin (written by bench/run.py) -->", "<!-- bench:end -
 
 BACKBONE = "VGG16"
 HEAD_EPOCHS = 10
-# The whole experiment: (random initial points, BO iterations).
+# The reduced demo search (strategy `shared`, model optimization alone): (random initial points, BO iterations).
 EXPERIMENT_TRIALS = (2, 1)
-# The whole experiment again with this many trials at once (`execution.parallel_trials`).
+# The reduced search again with this many trials at once (`execution.parallel_trials`).
 PARALLEL_TRIALS = 2
 # Five block trials of one backbone, as BO's initial design would draw them.
 HEAD_TRIALS = (("Adam", 1e-3), ("SGD", 1e-2), ("RMSprop", 3e-4), ("Nadam", 2e-3), ("Adagrad", 3e-2))
@@ -412,6 +413,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-doc", action="store_true", help="print only; leave docs/performance.md as it is")
     args = parser.parse_args(argv)
 
+    started = time.perf_counter()
     description = machine()
     print(f"machine: {description}", flush=True)
     with tempfile.TemporaryDirectory(prefix="tlopt-bench-") as work:
@@ -432,34 +434,21 @@ def main(argv: list[str] | None = None) -> int:
                                                        "data.demo.image_size": 576, "data.image_size": 299})
         pipeline_299 = pipeline_epoch(data.prepare_split(kvasir_like, work / "split-299"), names,
                                       head.updated({"data.image_size": 299}), work / "cache-299", args.repeats)
-        # The classification block at the demo's input size and at its images' own size: at
-        # 32 px a VGG16 pass is so cheap that Keras's fixed cost of a run sets the ratio.
-        heads = {}
-        for head_size in (size, demo.data.demo.image_size):
-            print(f"classification block, {len(HEAD_TRIALS)} trials at {head_size} px ...", flush=True)
-            heads[head_size] = head_cache(frame, names, head.updated({"data.image_size": head_size}),
-                                          work / f"cache-head-{head_size}", work / "runs", args.repeats)
-        head_on, head_off = heads[size]
+        print(f"classification block, {len(HEAD_TRIALS)} trials ...", flush=True)
+        head_on, head_off = head_cache(frame, names, head, work / "cache-head", work / "runs", args.repeats)
         print("per-trial overhead ...", flush=True)
         block_epochs, finetune_epochs = demo.training.block_epochs, demo.training.finetune_epochs
         overhead = trial_overhead(frame, names, demo.updated({"backbones": [BACKBONE]}), work / "cache",
                                   args.repeats)
 
-        experiments = {}
-        for caches in (False, True):
-            state = "on" if caches else "off"
-            print(f"whole experiment, caches {state} ...", flush=True)
-            experiments[state] = experiment(demo_params(work, f"experiment-caches-{state}", {
+        # The reduced demo search one trial at a time, then two at a time on Ray.
+        searches = {}
+        for slots in (1, PARALLEL_TRIALS):
+            print(f"reduced demo search, {slots} trial(s) at once ...", flush=True)
+            searches[slots] = experiment(demo_params(work, f"search-{slots}", {
                 "bo.initial_points": EXPERIMENT_TRIALS[0], "bo.iterations": EXPERIMENT_TRIALS[1],
-                "strategies": ["shared"],
-                "data.image_cache": caches, "training.feature_cache": caches, "training.activation_cache": caches,
+                "strategies": ["shared"], "layer_optimization.enabled": False, "execution.parallel_trials": slots,
             }), frame)
-        # The same search, two trials at a time on Ray, right after its one-at-a-time run (caches on).
-        print(f"whole experiment, {PARALLEL_TRIALS} trials at once ...", flush=True)
-        parallel = experiment(demo_params(work, "experiment-parallel", {
-            "bo.initial_points": EXPERIMENT_TRIALS[0], "bo.iterations": EXPERIMENT_TRIALS[1],
-            "strategies": ["shared"], "execution.parallel_trials": PARALLEL_TRIALS,
-        }), frame)
 
         realistic = demo_params(work, "realistic", {
             "data.root": str(work / "realistic"), "data.demo.image_size": REALISTIC_SIZE,
@@ -488,34 +477,26 @@ def main(argv: list[str] | None = None) -> int:
         print(f"race with KerasTuner: {race_setting} ...", flush=True)
         race = kerastuner_side.race(race_params, frame, work)
 
-    on, off = experiments["on"], experiments["off"]
-    on_seconds, on_cpu, on_best, on_files = on.seconds, on.cpu_seconds, on.best, on.cache_files
-    off_seconds, off_cpu, off_best = off.seconds, off.cpu_seconds, off.best
+    serial, parallel = searches[1], searches[PARALLEL_TRIALS]
     real_on, real_off = realistic_experiments["on"], realistic_experiments["off"]
     extraction = real_on.feature_extraction + real_on.activation_extraction
     realistic_train = int((realistic_frame["split"] == "train").sum())
     realistic_val = int((realistic_frame["split"] == "val").sum())
-    parallel_seconds, parallel_best = parallel.seconds, parallel.best
     rows = [
         "| measurement | tlopt | without / other | ratio | target |",
         "|---|---|---|---|---|",
-        *(f"| classification block, {len(HEAD_TRIALS)} trials x {HEAD_EPOCHS} epochs ({BACKBONE}, "
-          f"{head_size} px, {'the demo input size' if head_size == size else 'the size of the demo images'}): "
-          f"feature cache (extraction included) vs the frozen backbone in every epoch "
-          f"| {on:.1f} s | {off:.1f} s | {ratio(off, on)} | >= 8x |" for head_size, (on, off) in heads.items()),
+        f"| classification block, {len(HEAD_TRIALS)} trials x {HEAD_EPOCHS} epochs ({BACKBONE}, {size} px): "
+        f"feature cache (extraction included) vs the frozen backbone in every epoch "
+        f"| {head_on:.1f} s | {head_off:.1f} s | {ratio(head_off, head_on)} | >= 8x |",
         *pipeline_rows(pipeline, f"{train_images} demo JPEGs of {demo.data.demo.image_size} px "
                                  f"at {size} px"),
         *pipeline_rows(pipeline_299, f"{train_images} Kvasir-sized JPEGs (the demo drawn at 576 px) at 299 px"),
-        f"| whole experiment, caches on vs off: params/demo.yaml reduced to strategy `shared` + its layer "
-        f"optimization, {sum(EXPERIMENT_TRIALS)} + {sum(EXPERIMENT_TRIALS)} trials; "
-        f"best val accuracy {on_best:.2f} (on) vs {off_best:.2f} (off); "
-        f"{on_files} cache files in the cached run's folder; one run each; CPU time {on_cpu:.0f} s vs "
-        f"{off_cpu:.0f} s ({ratio(off_cpu, on_cpu)}) | {on_seconds:.0f} s | {off_seconds:.0f} s "
-        f"| {ratio(off_seconds, on_seconds)} | |",
-        f"| the same search (caches on), {PARALLEL_TRIALS} trials at once on Ray (`--parallel "
-        f"{PARALLEL_TRIALS}`, embedded Ray, ordered schedule: each trial a fresh worker process) vs one at a "
-        f"time (the run above); best val accuracy {parallel_best:.2f} vs {on_best:.2f}; one run each "
-        f"| {parallel_seconds:.0f} s | {on_seconds:.0f} s | {ratio(on_seconds, parallel_seconds)} | |",
+        f"| params/demo.yaml reduced to the model optimization of strategy `shared` ({sum(EXPERIMENT_TRIALS)} "
+        f"trials: {EXPERIMENT_TRIALS[0]} random, then {EXPERIMENT_TRIALS[1]}), {PARALLEL_TRIALS} trials at once on "
+        f"Ray (`--parallel {PARALLEL_TRIALS}`, embedded Ray, ordered schedule: each trial a fresh worker process) "
+        f"vs one at a time; best val accuracy "
+        f"{parallel.best:.2f} vs {serial.best:.2f}; one run each "
+        f"| {parallel.seconds:.0f} s | {serial.seconds:.0f} s | {ratio(serial.seconds, parallel.seconds)} | |",
         *(f"| fine-tuning trial of {backbone} at {REALISTIC_SIZE} px from its default delimiting layer "
           f"({FINETUNE_EPOCHS} epochs of {realistic_train} + {realistic_val} images; the demo drawn at {REALISTIC_SIZE} px, "
           f"random weights): activation cache, extraction included ({times.extraction:.1f} s, {times.cache_mb:.0f} MB) "
@@ -548,10 +529,12 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(table)
     print("\n".join(race.lines()))
+    minutes = (time.perf_counter() - started) / 60
+    print(f"the bench took {minutes:.0f} minutes")
     if not args.no_doc:
-        write_doc(DOC, table, description)
+        write_doc(DOC, table, f"{description}; the bench took {minutes:.0f} minutes")
         print(f"written to {DOC.relative_to(REPO)}")
-    print(f"parallel_speedup={on_seconds / parallel_seconds:.2f}")
+    print(f"parallel_speedup={serial.seconds / parallel.seconds:.2f}")
     steady = [times.steady[1] / times.steady[0] for times in finetunes.values()]
     print(f"finetune_cache_speedup={math.prod(steady) ** (1 / len(steady)):.2f}")
     print(f"whole_experiment_speedup={real_off.seconds / real_on.seconds:.2f}")
