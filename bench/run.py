@@ -494,8 +494,7 @@ def main(argv: list[str] | None = None) -> int:
         f"| params/demo.yaml reduced to the model optimization of strategy `shared` ({sum(EXPERIMENT_TRIALS)} "
         f"trials: {EXPERIMENT_TRIALS[0]} random, then {EXPERIMENT_TRIALS[1]}), {PARALLEL_TRIALS} trials at once on "
         f"Ray (`--parallel {PARALLEL_TRIALS}`, embedded Ray, ordered schedule: each trial a fresh worker process) "
-        f"vs one at a time; best val accuracy "
-        f"{parallel.best:.2f} vs {serial.best:.2f}; one run each "
+        f"vs one at a time; best val accuracy {parallel.best:.2f} vs {serial.best:.2f}; one run each "
         f"| {parallel.seconds:.0f} s | {serial.seconds:.0f} s | {ratio(serial.seconds, parallel.seconds)} | |",
         *(f"| fine-tuning trial of {backbone} at {REALISTIC_SIZE} px from its default delimiting layer "
           f"({FINETUNE_EPOCHS} epochs of {realistic_train} + {realistic_val} images; the demo drawn at {REALISTIC_SIZE} px, "
